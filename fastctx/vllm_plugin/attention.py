@@ -16,6 +16,7 @@ import torch
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -26,6 +27,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from fastctx.kernels import prefill_attention
 from fastctx.vllm_plugin.paged_kv import gather_context_kv
+
+# Under the "vllm" logger tree so messages follow vLLM's own log config.
+logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
 
 PREFILL_METHODS = {"dense": prefill_attention}
 
@@ -129,6 +133,7 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
 
         self.fastctx_config = validate(get_current_vllm_config())
         self.prefill = PREFILL_METHODS[self.fastctx_config.attention]
+        logger.info_once("fastctx attention: prefill method %r", self.fastctx_config.attention)
         self.translatable = (
             self.attn_type == AttentionType.DECODER and self.alibi_slopes is None
             and self.sliding_window == -1 and not self.logits_soft_cap

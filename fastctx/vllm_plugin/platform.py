@@ -10,6 +10,7 @@ server before any engine process starts.
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -17,6 +18,9 @@ from fastctx.config import FastctxConfigError, FastctxConfig, has_section
 from fastctx.vllm_plugin import ATTENTION_BACKEND
 
 _STOCK_CPU = "vllm.platforms.cpu.CpuPlatform"
+
+# Under the "vllm" logger tree so messages follow vLLM's own log config.
+logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
 
 
 def detect() -> str | None:
@@ -44,6 +48,7 @@ class FastctxCpuPlatform(CpuPlatform):
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         if (selected_backend == AttentionBackendEnum.CUSTOM
                 and not attn_selector_config.use_mla and not attn_selector_config.use_sparse):
+            logger.info_once("fastctx: --attention-backend CUSTOM -> %s", ATTENTION_BACKEND)
             return ATTENTION_BACKEND
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
 
