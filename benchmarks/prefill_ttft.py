@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fastctx.eval.texts import prompt_token_ids
 
-from common import DENSE, STOCK, prompt_token_ids, set_engine_env  # noqa: E402
+METHODS = {
+    "stock": {},
+    "dense": dict(attention_config={"backend": "CUSTOM"},
+                  additional_config={"fastctx": {"attention": "dense"}}),
+}
 
-METHODS = {"stock": STOCK, "dense": DENSE}
+
+def set_engine_env(threads_bind: str | None) -> str:
+    """Pin both engines to the same cores; returns the binding used."""
+    if threads_bind is None:
+        threads_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or f"0-{os.cpu_count() - 1}"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return threads_bind
 
 
 def build_engines(model: str, max_len: int):

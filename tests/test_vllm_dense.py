@@ -6,16 +6,14 @@ the same settings (fp32, chunked prefill at 256 tokens, prefix caching on).
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
+from fastctx.eval.texts import natural_text
 from fastctx.vllm_plugin.attention import STATS
 
 pytestmark = pytest.mark.engine
 
-# Natural text available offline on every machine: the standard library's source.
-TEXT = inspect.getsource(inspect)
+TEXT = natural_text()
 
 
 def _greedy(max_tokens=20):

@@ -128,6 +128,12 @@ class FastctxCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotImplementedError(
+                "fastctx's attention backend runs on vLLM's CPU engine only in this release; "
+                "drop --attention-backend CUSTOM on GPU until its Triton kernels land")
         super().__init__(*args, **kwargs)
         from fastctx.vllm_plugin.platform import validate
 
