@@ -80,13 +80,16 @@ def main(argv=None) -> dict:
         args.tokens, args.reps = [2048], 2
     threads = set_engine_env(args.threads_bind)
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from fastctx.models import require_default_model
 
     model = args.model or str(require_default_model())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    engines = build_engines(model, max(args.tokens) + 16)
+    # A prompt plus its one generated token must fit the model's context.
+    context = AutoConfig.from_pretrained(model).max_position_embeddings
+    args.tokens = [min(n, context - 1) for n in args.tokens]
+    engines = build_engines(model, max(args.tokens) + 1)
     batched = engines["stock"].llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
 
     same_text = show_generation(engines, tokenizer) if args.generate else None

@@ -10,6 +10,7 @@ attention, non-``vec`` cache layouts) stay entirely on the stock kernel.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,9 @@ class StepStats:
     prefill_tokens: int = 0
     prefix_prefills: int = 0  # prefill requests that attend to cached context
     mixed_steps: int = 0  # steps holding both decodes and prefills
-    history: list = field(default_factory=list)
+    # (decode tokens, [(query_len, seq_len) per prefill]) of the latest steps;
+    # bounded because a server runs for days.
+    history: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def reset(self) -> None:
         self.__init__()

@@ -1,0 +1,185 @@
+"""Sparse causal prefill attention over one index format.
+
+Every method (MInference's vertical-slash, block-sparse and A-shape heads,
+FlexPrefill, LServe's streaming heads) says which keys each query block
+reads. ``SparseIndex`` holds that as, per (head, query block of
+``block_q`` rows), contiguous key ranges ``[start, end)`` and single key
+columns; the causal limit (key position <= query position) applies on top.
+Queries are a chunk of ``q_len`` tokens that follows ``prefix`` cached tokens
+(chunked prefill), so the query at row ``i`` sits at position ``prefix + i``.
+
+``reference_sparse_prefill_attention`` is the definition (masked dense
+softmax); ``sparse_prefill_attention`` the fast CPU path (C++ kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastctx.kernels.dense import _check, _join_prefix, reference_prefill_attention
+
+DEFAULT_BLOCK_Q = 64
+_EMPTY = 2**31 - 1  # start = end = this: an unused range slot
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    ranges: torch.Tensor  # [H, R, NR, 2] int32 (start, end); start >= end is an empty slot
+    cols: torch.Tensor  # [H, R, NC] int32 key positions; -1 is an empty slot
+    q_len: int
+    prefix: int = 0
+    block_q: int = DEFAULT_BLOCK_Q
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.q_len // self.block_q)
+
+    def block_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First and last query position of every block, each ``[R]``."""
+        first = self.prefix + torch.arange(self.num_blocks) * self.block_q
+        last = torch.clamp(first + self.block_q - 1, max=self.prefix + self.q_len - 1)
+        return first, last
+
+    def mask(self) -> torch.Tensor:
+        """``[H, q_len, prefix + q_len]`` bool: the (query, key) pairs the index reads."""
+        heads = self.ranges.shape[0]
+        tk = self.prefix + self.q_len
+        keys = torch.arange(tk)
+        block_of_row = torch.arange(self.q_len) // self.block_q
+        rng = self.ranges[:, block_of_row].long()  # [H, Tq, NR, 2]
+        keep = ((keys >= rng[..., 0:1]) & (keys < rng[..., 1:2])).any(2)  # [H, Tq, Tk]
+        cols = self.cols[:, block_of_row].long()  # [H, Tq, NC]
+        hit = torch.zeros(heads, self.q_len, tk + 1, dtype=torch.bool)
+        hit.scatter_(2, torch.where(cols < 0, tk, cols), True)
+        keep |= hit[..., :tk]
+        causal = keys[None, :] <= (self.prefix + torch.arange(self.q_len))[:, None]
+        return keep & causal
+
+    def density(self) -> float:
+        """Share of the causal (query, key) pairs that the index reads (1.0 = dense)."""
+        first, last = self.block_rows()
+        rows = self.prefix + torch.arange(self.q_len)
+        block_of_row = torch.arange(self.q_len) // self.block_q
+        rng = self.ranges[:, block_of_row].long()  # [H, Tq, NR, 2]
+        visible_end = torch.minimum(rng[..., 1], rows[None, :, None] + 1)
+        from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum((1, 2))
+        cols = self.cols.long()  # [H, R, NC]; ranges and columns never overlap
+        col_rows = (last[None, :, None] - torch.maximum(cols, first[None, :, None]) + 1).clamp(min=0)
+        from_cols = torch.where(cols >= 0, col_rows, 0).sum((1, 2))
+        causal = (rows + 1).sum()
+        return float((from_ranges + from_cols).sum() / (causal * self.ranges.shape[0]))
+
+
+def _stack_ranges(per_head: list[torch.Tensor]) -> torch.Tensor:
+    width = max(1, max(r.shape[1] for r in per_head))
+    out = torch.full((len(per_head), per_head[0].shape[0], width, 2), _EMPTY, dtype=torch.int32)
+    for h, r in enumerate(per_head):
+        out[h, :, : r.shape[1]] = r
+    return out
+
+
+def _no_cols(heads: int, blocks: int) -> torch.Tensor:
+    return torch.full((heads, blocks, 1), -1, dtype=torch.int32)
+
+
+def dense_index(heads: int, q_len: int, prefix: int = 0, block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
+    probe = SparseIndex(torch.zeros(heads, 1, 1, 2, dtype=torch.int32), _no_cols(heads, 1), q_len, prefix, block_q)
+    _, last = probe.block_rows()
+    ranges = torch.stack([torch.zeros_like(last), last + 1], -1)[None, :, None].expand(heads, -1, -1, -1)
+    return SparseIndex(ranges.int().contiguous(), _no_cols(heads, probe.num_blocks), q_len, prefix, block_q)
+
+
+def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int = 0,
+                    block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
+    """A-shape / StreamingLLM: the first ``sink`` keys plus the last ``local`` keys of every query."""
+    if sink < 0 or local < 1:
+        raise ValueError(f"streaming needs sink >= 0 and local >= 1, got sink={sink} local={local}")
+    probe = dense_index(1, q_len, prefix, block_q)
+    first, last = probe.block_rows()
+    local_start = (first - local + 1).clamp(min=0)
+    sink_end = torch.minimum(torch.full_like(first, sink), local_start)
+    ranges = torch.stack([torch.stack([torch.zeros_like(first), sink_end], -1),
+                          torch.stack([local_start, last + 1], -1)], 1)  # [R, 2, 2]
+    ranges = ranges[None].expand(heads, -1, -1, -1).int().contiguous()
+    return SparseIndex(ranges, _no_cols(heads, probe.num_blocks), q_len, prefix, block_q)
+
+
+def _slash_groups(offsets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge diagonals (descending offsets) whose key intervals touch in a block of ``rows`` rows."""
+    gap = (offsets[:-1] - offsets[1:]) > rows
+    starts = torch.cat([torch.tensor([True]), gap])
+    group = torch.cumsum(starts.long(), 0) - 1
+    ngroups = int(group[-1]) + 1
+    smax = torch.full((ngroups,), -1, dtype=torch.long).scatter_reduce(0, group, offsets, "amax")
+    smin = torch.full((ngroups,), 1 << 40, dtype=torch.long).scatter_reduce(0, group, offsets, "amin")
+    return smax, smin
+
+
+def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int, prefix: int = 0,
+                         block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
+    """MInference's vertical-slash layout as ranges + columns.
+
+    ``vertical`` ``[H, NV]``: key positions read by every query. ``slash``
+    ``[H, NS]``: diagonal offsets (query position - key position >= 0) read by
+    every query. Per query block, diagonals whose key intervals touch are
+    merged into one contiguous range (as MInference's index converter does);
+    verticals already inside a range are dropped from the columns.
+    """
+    heads = vertical.shape[0]
+    if slash.shape[0] != heads:
+        raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
+    probe = dense_index(1, q_len, prefix, block_q)
+    first, last = probe.block_rows()
+    sizes = last - first + 1
+    per_head, cols = [], []
+    for h in range(heads):
+        offsets = torch.unique(slash[h].long().clamp(min=0), sorted=True).flip(0)
+        ranges = []
+        for rows in torch.unique(sizes).tolist():  # full blocks, then a shorter last block
+            smax, smin = _slash_groups(offsets, rows)
+            sel = sizes == rows
+            start = (first[sel, None] - smax[None]).clamp(min=0)
+            end = last[sel, None] - smin[None] + 1
+            empty = end <= start
+            ranges.append((sel, torch.stack([torch.where(empty, 0, start), torch.where(empty, 0, end)], -1)))
+        width = max(r.shape[1] for _, r in ranges)
+        # Empty slots sort last, so each block's starts stay ascending for searchsorted.
+        block_ranges = torch.full((len(first), width, 2), _EMPTY, dtype=torch.long)
+        for sel, r in ranges:
+            block_ranges[sel, : r.shape[1]] = r
+        per_head.append(block_ranges.int())
+        verts = torch.unique(vertical[h].long(), sorted=True)
+        verts = verts[(verts >= 0) & (verts <= last[-1])]
+        starts, ends = block_ranges[..., 0].contiguous(), block_ranges[..., 1]
+        at = torch.searchsorted(starts, verts[None].expand(len(first), -1).contiguous(), right=True) - 1
+        covered = (at >= 0) & (verts[None] < ends.gather(1, at.clamp(min=0)))
+        visible = verts[None] <= last[:, None]
+        cols.append(torch.where(covered | ~visible, -1, verts[None]).int())
+    width = max(1, max(c.shape[1] for c in cols))
+    col_t = torch.full((heads, len(first), width), -1, dtype=torch.int32)
+    for h, c in enumerate(cols):
+        col_t[h, :, : c.shape[1]] = c
+    return SparseIndex(_stack_ranges(per_head), col_t, q_len, prefix, block_q)
+
+
+def reference_sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
+                                       index: SparseIndex, scale: float | None = None) -> torch.Tensor:
+    return reference_prefill_attention(q, k_new, v_new, k_prefix, v_prefix, scale=scale, mask=index.mask())
+
+
+def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
+                             index: SparseIndex, scale: float | None = None) -> torch.Tensor:
+    """Fast CPU path: the C++ kernel in float32 (other dtypes are computed in float32)."""
+    from fastctx.kernels._cpu_ext import cpu_ops
+
+    k, v, prefix = _join_prefix(k_new, v_new, k_prefix, v_prefix)
+    _check(q, k, v)
+    if (index.q_len, index.prefix) != (q.shape[1], prefix) or index.ranges.shape[0] != q.shape[0]:
+        raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
+                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = cpu_ops().sparse_prefill(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
+                                   index.ranges, index.cols, prefix, index.block_q, scale)
+    return out.to(q.dtype)
