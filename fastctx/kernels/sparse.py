@@ -42,19 +42,23 @@ class SparseIndex:
         last = torch.clamp(first + self.block_q - 1, max=self.prefix + self.q_len - 1)
         return first, last
 
-    def mask(self) -> torch.Tensor:
-        """``[H, q_len, prefix + q_len]`` bool: the (query, key) pairs the index reads."""
+    def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[H, len(rows), prefix + q_len]`` bool: the (query, key) pairs the index reads.
+
+        ``rows`` are query rows (0-based within the chunk); all rows by default.
+        """
+        rows = torch.arange(self.q_len) if rows is None else rows.long()
         heads = self.ranges.shape[0]
         tk = self.prefix + self.q_len
         keys = torch.arange(tk)
-        block_of_row = torch.arange(self.q_len) // self.block_q
-        rng = self.ranges[:, block_of_row].long()  # [H, Tq, NR, 2]
-        keep = ((keys >= rng[..., 0:1]) & (keys < rng[..., 1:2])).any(2)  # [H, Tq, Tk]
-        cols = self.cols[:, block_of_row].long()  # [H, Tq, NC]
-        hit = torch.zeros(heads, self.q_len, tk + 1, dtype=torch.bool)
+        block_of_row = rows // self.block_q
+        rng = self.ranges[:, block_of_row].long()  # [H, rows, NR, 2]
+        keep = ((keys >= rng[..., 0:1]) & (keys < rng[..., 1:2])).any(2)  # [H, rows, Tk]
+        cols = self.cols[:, block_of_row].long()  # [H, rows, NC]
+        hit = torch.zeros(heads, len(rows), tk + 1, dtype=torch.bool)
         hit.scatter_(2, torch.where(cols < 0, tk, cols), True)
         keep |= hit[..., :tk]
-        causal = keys[None, :] <= (self.prefix + torch.arange(self.q_len))[:, None]
+        causal = keys[None, :] <= (self.prefix + rows)[:, None]
         return keep & causal
 
     def density(self) -> float:
@@ -167,6 +171,33 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
 def reference_sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                                        index: SparseIndex, scale: float | None = None) -> torch.Tensor:
     return reference_prefill_attention(q, k_new, v_new, k_prefix, v_prefix, scale=scale, mask=index.mask())
+
+
+def reference_sparse_rows(q, k, v, *, index: SparseIndex, rows: torch.Tensor,
+                          scale: float | None = None) -> torch.Tensor:
+    """The reference output of selected query ``rows`` only (``k``/``v`` include the prefix).
+
+    For checking long sequences, where the full ``[H, Tq, Tk]`` mask would not fit in memory.
+    """
+    _check(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[0] // k.shape[0]
+    scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
+    probs = torch.softmax(scores.masked_fill(~index.mask(rows), float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("hts,hsd->htd", probs, v.float().repeat_interleave(group, 0)).to(q.dtype)
+
+
+def sparse_prefill_attention_varlen(q, k, v, cu_seqlens: list[int], indexes: list[SparseIndex], *,
+                                    scale: float | None = None) -> torch.Tensor:
+    """A ragged batch: ``q`` ``[H, T, D]`` and ``k``/``v`` ``[Hkv, T, D]`` hold the sequences
+    back to back, sequence ``i`` in tokens ``cu_seqlens[i]:cu_seqlens[i+1]``, each with its index."""
+    if len(indexes) != len(cu_seqlens) - 1:
+        raise ValueError(f"{len(cu_seqlens) - 1} sequences but {len(indexes)} indexes")
+    out = torch.empty_like(q)
+    for index, start, end in zip(indexes, cu_seqlens, cu_seqlens[1:]):
+        out[:, start:end] = sparse_prefill_attention(q[:, start:end], k[:, start:end], v[:, start:end],
+                                                     index=index, scale=scale)
+    return out
 
 
 def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,

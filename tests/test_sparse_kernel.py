@@ -1,0 +1,125 @@
+"""The C++ sparse prefill path against the masked-softmax reference."""
+
+import pytest
+import torch
+
+from fastctx.kernels import prefill_attention
+from fastctx.kernels.sparse import (
+    dense_index,
+    reference_sparse_prefill_attention,
+    sparse_prefill_attention,
+    streaming_index,
+    vertical_slash_index,
+)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def _qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(heads, q_len, dim, generator=g).to(dtype)
+    k = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
+    v = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
+    return q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix]
+
+
+def _vs(heads, q_len, prefix, block_q, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = prefix + q_len
+    vertical = torch.cat([torch.arange(min(4, total)).expand(heads, -1),
+                          torch.randint(0, total, (heads, 9), generator=g)], 1)
+    slash = torch.cat([torch.arange(min(5, total)).expand(heads, -1),
+                       torch.randint(0, total, (heads, 6), generator=g)], 1)
+    return vertical_slash_index(vertical, slash, q_len, prefix, block_q)
+
+
+INDEXES = {
+    "dense": lambda h, t, p, b: dense_index(h, t, p, b),
+    "streaming": lambda h, t, p, b: streaming_index(h, t, sink=3, local=20, prefix=p, block_q=b),
+    "vertical_slash": _vs,
+}
+
+
+@pytest.mark.parametrize("kind", list(INDEXES))
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("q_len,prefix", [(1, 0), (1, 70), (7, 0), (150, 0), (97, 130), (64, 64)])
+@pytest.mark.parametrize("block_q", [16, 64])
+def test_fast_path_matches_reference(kind, heads, kv_heads, q_len, prefix, block_q):
+    q, k, v, kp, vp = _qkv(heads, kv_heads, q_len, prefix, 64)
+    index = INDEXES[kind](heads, q_len, prefix, block_q)
+    got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
+    want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_dtypes_and_head_dims(dtype, dim):
+    q, k, v, kp, vp = _qkv(9, 3, 100, 40, dim, dtype)
+    index = _vs(9, 100, 40, 32)
+    got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
+    want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_density_one_equals_dense_attention():
+    q, k, v, kp, vp = _qkv(9, 3, 300, 50, 64)
+    index = dense_index(9, 300, 50)
+    assert index.density() == 1.0
+    torch.testing.assert_close(sparse_prefill_attention(q, k, v, kp, vp, index=index),
+                               prefill_attention(q, k, v, kp, vp), atol=1e-5, rtol=1e-5)
+    # A vertical-slash index whose diagonals cover every offset is dense too.
+    vs = vertical_slash_index(torch.zeros(9, 1, dtype=torch.long), torch.arange(350).expand(9, -1), 300, 50)
+    assert vs.density() == 1.0
+    torch.testing.assert_close(sparse_prefill_attention(q, k, v, kp, vp, index=vs),
+                               prefill_attention(q, k, v, kp, vp), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(INDEXES))
+def test_density_counts_the_mask(kind):
+    index = INDEXES[kind](9, 150, 30, 32)
+    mask = index.mask()
+    causal = sum(30 + i + 1 for i in range(150)) * 9
+    assert index.density() == pytest.approx(mask.sum().item() / causal)
+
+
+def test_chunked_equals_whole_prefill_rows():
+    # A chunk after a cached prefix reads the same keys as those rows of one whole prefill.
+    q, k, v, _, _ = _qkv(9, 3, 256, 0, 64)
+    whole = sparse_prefill_attention(q, k, v, index=streaming_index(9, 256, 4, 32, block_q=32))
+    tail = sparse_prefill_attention(q[:, 160:], k[:, 160:], v[:, 160:], k[:, :160], v[:, :160],
+                                    index=streaming_index(9, 96, 4, 32, prefix=160, block_q=32))
+    torch.testing.assert_close(tail, whole[:, 160:], atol=1e-5, rtol=1e-5)
+
+
+def test_index_shape_mismatch_is_an_error():
+    q, k, v, kp, vp = _qkv(9, 3, 10, 5, 64)
+    with pytest.raises(ValueError, match="index is for"):
+        sparse_prefill_attention(q, k, v, kp, vp, index=dense_index(9, 10, 0))
+
+
+def test_ragged_batch_equals_each_sequence():
+    from fastctx.kernels.sparse import sparse_prefill_attention_varlen
+
+    lengths = [5, 130, 1, 64]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    q, k, v, _, _ = _qkv(9, 3, cu[-1], 0, 64)
+    indexes = [_vs(9, n, 0, 32, seed=i) for i, n in enumerate(lengths)]
+    got = sparse_prefill_attention_varlen(q, k, v, cu, indexes)
+    for index, a, b in zip(indexes, cu, cu[1:]):
+        want = reference_sparse_prefill_attention(q[:, a:b], k[:, a:b], v[:, a:b], index=index)
+        torch.testing.assert_close(got[:, a:b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_reference_matches_full_reference():
+    from fastctx.kernels.sparse import reference_sparse_rows
+
+    q, k, v, kp, vp = _qkv(9, 3, 120, 30, 64)
+    index = _vs(9, 120, 30, 32)
+    rows = torch.tensor([0, 31, 32, 119])
+    full = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
+    part = reference_sparse_rows(q, torch.cat([kp, k], 1), torch.cat([vp, v], 1), index=index, rows=rows)
+    torch.testing.assert_close(part, full[:, rows])
