@@ -214,3 +214,45 @@ def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
     out = cpu_ops().sparse_prefill(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
                                    index.ranges, index.cols, prefix, index.block_q, scale)
     return out.to(q.dtype)
+
+
+def block_mask_index(block_mask: torch.Tensor, block_k: int, q_len: int, prefix: int = 0,
+                     block_q: int | None = None) -> SparseIndex:
+    """Block-sparse layout: ``block_mask[h, r, b]`` says query block ``r`` reads key block ``b``.
+
+    Key blocks are aligned at absolute positions (``[b * block_k, (b + 1) * block_k)``);
+    query blocks are ``block_q`` (default ``block_k``) rows of the chunk. Runs of
+    adjacent key blocks become one range.
+    """
+    block_q = block_k if block_q is None else block_q
+    heads, blocks, nkb = block_mask.shape
+    if blocks != -(-q_len // block_q):
+        raise ValueError(f"block_mask has {blocks} query blocks, expected ceil({q_len}/{block_q})")
+    m = block_mask.bool()
+    pad = torch.zeros(heads, blocks, 1, dtype=torch.bool)
+    before = torch.cat([pad, m[..., :-1]], -1)
+    after = torch.cat([m[..., 1:], pad], -1)
+    run_start = m & ~before
+    run_end = m & ~after
+    slot = torch.cumsum(run_start.long(), -1) - 1  # run number of each block
+    width = max(1, int(run_start.sum(-1).max()))
+    ranges = torch.full((heads, blocks, width, 2), _EMPTY, dtype=torch.long)
+    kb = torch.arange(nkb).expand(heads, blocks, -1)
+    h, r, b = torch.nonzero(run_start, as_tuple=True)
+    ranges[h, r, slot[h, r, b], 0] = kb[h, r, b] * block_k
+    h, r, b = torch.nonzero(run_end, as_tuple=True)
+    ranges[h, r, slot[h, r, b], 1] = (kb[h, r, b] + 1) * block_k
+    return SparseIndex(ranges.int(), _no_cols(heads, blocks), q_len, prefix, block_q)
+
+
+def concat_heads(indexes: list[SparseIndex]) -> SparseIndex:
+    """One index over the heads of several (same chunk and block size), in order."""
+    first = indexes[0]
+    if any((i.q_len, i.prefix, i.block_q) != (first.q_len, first.prefix, first.block_q) for i in indexes):
+        raise ValueError("indexes to concatenate must share q_len, prefix and block_q")
+    nr = max(i.ranges.shape[2] for i in indexes)
+    nc = max(i.cols.shape[2] for i in indexes)
+    ranges = torch.cat([torch.nn.functional.pad(i.ranges, (0, 0, 0, nr - i.ranges.shape[2]), value=_EMPTY)
+                        for i in indexes])
+    cols = torch.cat([torch.nn.functional.pad(i.cols, (0, nc - i.cols.shape[2]), value=-1) for i in indexes])
+    return SparseIndex(ranges, cols, first.q_len, first.prefix, first.block_q)

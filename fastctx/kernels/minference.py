@@ -1,0 +1,179 @@
+"""MInference (Jiang et al., NeurIPS'24): per-head sparse prefill patterns.
+
+- vertical-slash heads: from the last ``last_q`` queries, the key columns and
+  diagonals that collect the most attention; the first 30 columns (sinks) and
+  the 100 nearest diagonals (local window) are always kept;
+- block-sparse heads: top-k 64x64 blocks by mean-pooled Q.K;
+- A-shape heads: static sinks + local window (StreamingLLM).
+
+Estimation works on a prefill *chunk*: its queries are the chunk's, its keys
+are every key so far (cached prefix + chunk), so chunked prefill and prefix
+caching need no special case. The per-head pattern file is MInference's own
+JSON format: a list over layers of ``{head: [pattern, v, s, score]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastctx.kernels.sparse import (
+    DEFAULT_BLOCK_Q,
+    SparseIndex,
+    block_mask_index,
+    streaming_index,
+    vertical_slash_index,
+)
+
+LAST_Q = 64
+SINK_COLUMNS = 30
+LOCAL_DIAGONALS = 100
+MIN_VERTICAL, MIN_SLASH = 30, 50
+DEFAULT_PATTERN = ("vertical_and_slash", 1000, 6096)
+PATTERNS = ("vertical_and_slash", "block_sparse", "stream_llm")
+BLOCK_SPARSE_TOPK = 100
+BLOCK = 64
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    kind: str  # one of PATTERNS
+    v: int  # vertical budget, block top-k, or A-shape sink
+    s: int  # slash budget or A-shape local window
+
+
+def _scores_last_queries(q, k, prefix, last_q, scale):
+    """Softmax of the last ``last_q`` chunk queries over all keys, ``[H, n, Tk]`` fp32, and their positions."""
+    heads, q_len, dim = q.shape
+    n = min(last_q, q_len)
+    group = heads // k.shape[0]
+    scale = dim ** -0.5 if scale is None else scale
+    pos = prefix + q_len - n + torch.arange(n)
+    scores = torch.einsum("hnd,hkd->hnk", q[:, -n:].float(), k.float().repeat_interleave(group, 0)) * scale
+    scores = scores.masked_fill(torch.arange(k.shape[1])[None, None] > pos[None, :, None], float("-inf"))
+    return torch.softmax(scores, -1), pos
+
+
+def diagonal_sums(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[H, Tk]``: attention mass on each diagonal offset (query position - key position)."""
+    heads, n, tk = probs.shape
+    offsets = (pos[:, None] - torch.arange(tk)[None]).clamp(min=0)  # masked entries carry 0 mass
+    out = torch.zeros(heads, tk, dtype=probs.dtype)
+    return out.scatter_add_(1, offsets.reshape(1, -1).expand(heads, -1), probs.reshape(heads, -1))
+
+
+def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
+                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key columns ``[H, NV]`` and diagonal offsets ``[H, NS]`` for vertical-slash heads.
+
+    ``v_size``/``s_size`` are ints or per-head ``[H]`` budgets.
+    """
+    heads = q.shape[0]
+    tk = k.shape[1]
+    probs, pos = _scores_last_queries(q, k, prefix, last_q, scale)
+    vertical = probs.sum(1)
+    vertical[:, :SINK_COLUMNS] = float("inf")
+    slash = diagonal_sums(probs, pos)
+    slash[:, :LOCAL_DIAGONALS] = float("inf")
+    v_size = torch.as_tensor(v_size).expand(heads).clamp(min=MIN_VERTICAL).clamp(max=tk)
+    s_size = torch.as_tensor(s_size).expand(heads).clamp(min=MIN_SLASH).clamp(max=tk)
+    v_idx = vertical.topk(int(v_size.max()), -1).indices
+    s_idx = slash.topk(int(s_size.max()), -1).indices
+    # Heads with smaller budgets repeat their first pick (column 0 / the main
+    # diagonal, both always kept) in the unused slots.
+    v_idx = torch.where(torch.arange(v_idx.shape[1]) < v_size[:, None], v_idx, 0)
+    s_idx = torch.where(torch.arange(s_idx.shape[1]) < s_size[:, None], s_idx, 0)
+    return v_idx, s_idx
+
+
+def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, block: int = BLOCK) -> torch.Tensor:
+    """``[H, R, NKB]`` bool: each query block's top-k key blocks by mean-pooled Q.K (plus its diagonal)."""
+    heads, q_len, dim = q.shape
+    tk = k.shape[1]
+    nqb, nkb = -(-q_len // block), -(-tk // block)
+    group = heads // k.shape[0]
+    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * block - q_len)).view(heads, nqb, block, dim)
+    qp = qp.sum(2) / torch.tensor([min(block, q_len - r * block) for r in range(nqb)])[None, :, None]
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nkb * block - tk)).view(k.shape[0], nkb, block, dim)
+    kp = (kp.sum(2) / torch.tensor([min(block, tk - b * block) for b in range(nkb)])[None, :, None])
+    scores = torch.einsum("hrd,hbd->hrb", qp, kp.repeat_interleave(group, 0))
+    first = prefix + torch.arange(nqb) * block
+    last = torch.clamp(first + block - 1, max=prefix + q_len - 1)
+    visible = torch.arange(nkb)[None] * block <= last[:, None]  # [R, NKB]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    picked = scores.topk(min(topk, nkb), -1).indices
+    mask = torch.zeros(heads, nqb, nkb, dtype=torch.bool).scatter_(-1, picked, True) & visible
+    diagonal = (torch.arange(nkb)[None] >= (first // block)[:, None]) & visible
+    return mask | diagonal
+
+
+def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0) -> SparseIndex:
+    """The sparse index of one or more heads that share ``pattern``."""
+    q_len = q.shape[1]
+    if pattern.kind == "vertical_and_slash":
+        v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix)
+        return vertical_slash_index(v_idx, s_idx, q_len, prefix, DEFAULT_BLOCK_Q)
+    if pattern.kind == "block_sparse":
+        return block_mask_index(block_sparse_mask(q, k, pattern.v, prefix=prefix), BLOCK, q_len, prefix)
+    if pattern.kind == "stream_llm":
+        return streaming_index(q.shape[0], q_len, sink=pattern.v, local=pattern.s, prefix=prefix)
+    raise ValueError(f"unknown MInference pattern {pattern.kind!r}; expected one of {PATTERNS}")
+
+
+def load_pattern_config(path: str | Path, num_layers: int, num_heads: int) -> list[list[HeadPattern]]:
+    """MInference's per-head pattern JSON, checked against the model's layer and head counts.
+
+    Heads missing from a layer get MInference's default ``(vertical_and_slash, 1000, 6096)``.
+    """
+    path = Path(path)
+    try:
+        layers = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"MInference pattern file {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(layers, list) or len(layers) != num_layers:
+        found = len(layers) if isinstance(layers, list) else type(layers).__name__
+        raise ValueError(f"MInference pattern file {path} describes {found} layers, but the model has "
+                         f"{num_layers}; search a config for this model (fastctx minference search)")
+    out = []
+    for i, layer in enumerate(layers):
+        heads = {int(h): entry for h, entry in layer.items()}
+        if heads and max(heads) >= num_heads:
+            raise ValueError(f"MInference pattern file {path}: layer {i} names head {max(heads)}, but the "
+                             f"model has {num_heads} attention heads per layer")
+        row = []
+        for h in range(num_heads):
+            kind, v, s = heads.get(h, DEFAULT_PATTERN)[:3]
+            if kind not in PATTERNS:
+                raise ValueError(f"MInference pattern file {path}: layer {i} head {h} has pattern "
+                                 f"{kind!r}; expected one of {PATTERNS}")
+            row.append(HeadPattern(kind, int(v), int(s)))
+        out.append(row)
+    return out
+
+
+def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0) -> SparseIndex:
+    """The index of every head of a layer, each head with its own pattern and budgets."""
+    from fastctx.kernels.sparse import concat_heads
+
+    heads = q.shape[0]
+    if len(patterns) != heads:
+        raise ValueError(f"{len(patterns)} head patterns for {heads} heads")
+    k_per_head = k.repeat_interleave(heads // k.shape[0], 0)
+    parts: dict[int, SparseIndex] = {}
+    vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_and_slash"]
+    if vs:
+        v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], torch.tensor([patterns[h].v for h in vs]),
+                                      torch.tensor([patterns[h].s for h in vs]), prefix=prefix)
+        index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
+        parts.update({h: _head(index, i) for i, h in enumerate(vs)})
+    for h, p in enumerate(patterns):
+        if h not in parts:
+            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix)
+    return concat_heads([parts[h] for h in range(heads)])
+
+
+def _head(index: SparseIndex, h: int) -> SparseIndex:
+    return SparseIndex(index.ranges[h:h + 1], index.cols[h:h + 1], index.q_len, index.prefix, index.block_q)
