@@ -35,18 +35,18 @@ def best_ms(fn, reps: int) -> float:
     return min(times) * 1e3
 
 
-def synthetic_vertical_slash(n: int, target: float, seed: int = 0, block_q: int = 64):
+def synthetic_vertical_slash(n: int, target: float, seed: int = 0, block_q: int = 64, heads: int = HEADS):
     if target >= 1.0:
-        return dense_index(HEADS, n, block_q=block_q)
+        return dense_index(heads, n, block_q=block_q)
     g = torch.Generator().manual_seed(seed)
-    verticals = torch.stack([torch.randperm(n, generator=g) for _ in range(HEADS)])
-    centers = torch.stack([100 + torch.randperm(n - 108, generator=g) for _ in range(HEADS)])
+    verticals = torch.stack([torch.randperm(n, generator=g) for _ in range(heads)])
+    centers = torch.stack([100 + torch.randperm(n - 108, generator=g) for _ in range(heads)])
 
     def build(scale: float):
         nv, ns = int(scale * n / 8), int(scale * n / 256)
-        vertical = torch.cat([torch.arange(30).expand(HEADS, -1), verticals[:, :nv]], 1)
-        clusters = (centers[:, :ns, None] + torch.arange(8)).reshape(HEADS, -1)
-        slash = torch.cat([torch.arange(100).expand(HEADS, -1), clusters], 1)
+        vertical = torch.cat([torch.arange(30).expand(heads, -1), verticals[:, :nv]], 1)
+        clusters = (centers[:, :ns, None] + torch.arange(8)).reshape(heads, -1)
+        slash = torch.cat([torch.arange(100).expand(heads, -1), clusters], 1)
         return vertical_slash_index(vertical, slash, n, block_q=block_q)
 
     lo, hi = 0.0, 1.0

@@ -1,0 +1,113 @@
+"""Triton GPU kernel for the shared sparse index (ranges + columns per query block).
+
+One program per (query block, head): it walks the block's key ranges in
+tiles of ``BLOCK_N`` keys, then its gathered key columns, with an online
+softmax in float32 (FlashAttention's recurrence), and the causal limit on top.
+Tests run it under ``TRITON_INTERPRET=1`` on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastctx.kernels.dense import _check, _join_prefix
+from fastctx.kernels.sparse import SparseIndex
+
+
+@triton.jit
+def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        q = q.to(tl.float32)
+        k_tile = k_tile.to(tl.float32)
+        v_tile = v_tile.to(tl.float32)
+    s = tl.dot(q, tl.trans(k_tile)) * scale
+    ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    corr = tl.exp(m_i - m_safe)
+    l_i = l_i * corr + tl.sum(p, 1)
+    acc = acc * corr[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_prefill_kernel(Q, K, V, O, RANGES, COLS, q_len, prefix, scale,
+                           num_blocks, group, n_ranges, n_cols, block_q,
+                           stride_qh, stride_qt, stride_kh, stride_kt,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // group
+    rows = r * block_q + tl.arange(0, BLOCK_M)
+    row_ok = (tl.arange(0, BLOCK_M) < block_q) & (rows < q_len)
+    qpos = prefix + rows
+    dims = tl.arange(0, D)
+    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    last_visible = prefix + tl.minimum(r * block_q + block_q, q_len)  # exclusive
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_kh
+    range_base = RANGES + (h * num_blocks + r) * n_ranges * 2
+    for x in range(0, n_ranges):
+        start = tl.maximum(tl.load(range_base + 2 * x), 0)
+        end = tl.minimum(tl.load(range_base + 2 * x + 1), last_visible)
+        for s0 in range(start, end, BLOCK_N):
+            kpos = s0 + tl.arange(0, BLOCK_N)
+            key_ok = kpos < end
+            k_tile = tl.load(k_base + kpos[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v_tile = tl.load(v_base + kpos[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
+            m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32)
+    col_base = COLS + (h * num_blocks + r) * n_cols
+    for c0 in range(0, n_cols, BLOCK_N):
+        idx = c0 + tl.arange(0, BLOCK_N)
+        kpos = tl.load(col_base + idx, mask=idx < n_cols, other=-1)
+        key_ok = (kpos >= 0) & (kpos < last_visible)
+        safe = tl.where(key_ok, kpos, 0)
+        k_tile = tl.load(k_base + safe[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v_tile = tl.load(v_base + safe[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
+        m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + h * stride_qh + rows[:, None] * stride_qt + dims[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions.
+_INTERPRETED = type(_sparse_prefill_kernel).__name__ == "InterpretedFunction"
+
+
+def sparse_prefill_attention_triton(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
+                                    index: SparseIndex, scale: float | None = None,
+                                    block_n: int = 64) -> torch.Tensor:
+    """Same contract as ``sparse_prefill_attention``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
+    k, v, prefix = _join_prefix(k_new, v_new, k_prefix, v_prefix)
+    _check(q, k, v)
+    heads, q_len, dim = q.shape
+    if (index.q_len, index.prefix) != (q_len, prefix) or index.ranges.shape[0] != heads:
+        raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
+                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
+    block_q = index.block_q if index.num_blocks > 1 else q_len
+    block_m = max(16, triton.next_power_of_2(block_q))
+    if index.num_blocks > 1 and block_m != block_q:
+        raise ValueError(f"the Triton kernel needs block_q to be a power of two >= 16, got {index.block_q}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    ranges = index.ranges.to(q.device).contiguous()
+    cols = index.cols.to(q.device).contiguous()
+    scale = dim ** -0.5 if scale is None else scale
+    _sparse_prefill_kernel[(index.num_blocks, heads)](
+        q, k, v, out, ranges, cols, q_len, prefix, scale,
+        index.num_blocks, heads // k.shape[0], ranges.shape[2], cols.shape[2], block_q,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly; GPUs keep bf16 dots.
+        DOT_F32=q.dtype == torch.bfloat16 and _INTERPRETED)
+    return out
