@@ -6,9 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastctx-installed
 
-.PHONY: setup install model test demo bench clean
+.PHONY: setup install model kernels test demo bench clean
 
-setup: install model
+setup: install model kernels
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 model: install
 	$(VENV)/bin/fastctx model prepare
 
+# fastctx's C++ CPU kernels compile on first use (about a minute); do it here, once.
+kernels: install
+	$(PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"
+
 test: setup
 	$(PY) -m pytest -q tests
 
@@ -34,6 +38,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/attention_kernels.py
+	$(PY) benchmarks/sparse_attention.py
 	$(PY) benchmarks/prefill_ttft.py
 
 clean:

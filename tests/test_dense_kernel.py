@@ -1,18 +1,11 @@
 import pytest
 import torch
 
+from tests.helpers import random_qkv
+
 from fastctx.kernels import prefill_attention, reference_prefill_attention
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-
-
-def _qkv(heads, kv_heads, q_len, prefix, dim, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(heads, q_len, dim, generator=g)
-    k = torch.randn(kv_heads, prefix + q_len, dim, generator=g)
-    v = torch.randn(kv_heads, prefix + q_len, dim, generator=g)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    return q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -20,7 +13,7 @@ def _qkv(heads, kv_heads, q_len, prefix, dim, dtype, seed=0):
 @pytest.mark.parametrize("q_len,prefix", [(1, 0), (1, 37), (7, 0), (130, 0), (65, 200), (3, 1)])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_fast_path_matches_reference(dtype, heads, kv_heads, q_len, prefix, dim):
-    q, k, v, kp, vp = _qkv(heads, kv_heads, q_len, prefix, dim, dtype)
+    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, dim, dtype)
     got = prefill_attention(q, k, v, kp, vp, scale=dim ** -0.5)
     want = reference_prefill_attention(q, k, v, kp, vp, scale=dim ** -0.5)
     assert got.dtype == dtype and got.shape == q.shape
@@ -29,7 +22,7 @@ def test_fast_path_matches_reference(dtype, heads, kv_heads, q_len, prefix, dim)
 
 def test_prefix_split_equals_unsplit_prefill():
     # A chunk after a cached prefix must equal the same rows of one whole prefill.
-    q, k, v, kp, vp = _qkv(9, 3, 300, 0, 64, torch.float32)
+    q, k, v, kp, vp = random_qkv(9, 3, 300, 0, 64, torch.float32)
     whole = prefill_attention(q, k, v)
     tail = prefill_attention(q[:, 180:], k[:, 180:], v[:, 180:], k[:, :180], v[:, :180])
     torch.testing.assert_close(tail, whole[:, 180:], atol=1e-5, rtol=1e-5)
@@ -37,7 +30,7 @@ def test_prefix_split_equals_unsplit_prefill():
 
 def test_reference_is_causal():
     # Changing a future key must not change earlier outputs.
-    q, k, v, _, _ = _qkv(2, 2, 10, 0, 16, torch.float32)
+    q, k, v, _, _ = random_qkv(2, 2, 10, 0, 16, torch.float32)
     before = reference_prefill_attention(q, k, v)
     k2 = k.clone()
     k2[:, 9] += 5
@@ -48,7 +41,7 @@ def test_reference_is_causal():
 
 @pytest.mark.parametrize("bad", ["heads", "len", "dim"])
 def test_shape_errors(bad):
-    q, k, v, _, _ = _qkv(9, 3, 8, 0, 64, torch.float32)
+    q, k, v, _, _ = random_qkv(9, 3, 8, 0, 64, torch.float32)
     if bad == "heads":
         k, v = k[:2], v[:2]
     elif bad == "len":

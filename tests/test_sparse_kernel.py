@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.helpers import random_qkv
+
 from fastctx.kernels import prefill_attention
 from fastctx.kernels.sparse import (
     dense_index,
@@ -13,14 +15,6 @@ from fastctx.kernels.sparse import (
 )
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-
-
-def _qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(heads, q_len, dim, generator=g).to(dtype)
-    k = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
-    v = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
-    return q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix]
 
 
 def _vs(heads, q_len, prefix, block_q, seed=0):
@@ -45,7 +39,7 @@ INDEXES = {
 @pytest.mark.parametrize("q_len,prefix", [(1, 0), (1, 70), (7, 0), (150, 0), (97, 130), (64, 64)])
 @pytest.mark.parametrize("block_q", [16, 64])
 def test_fast_path_matches_reference(kind, heads, kv_heads, q_len, prefix, block_q):
-    q, k, v, kp, vp = _qkv(heads, kv_heads, q_len, prefix, 64)
+    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, 64)
     index = INDEXES[kind](heads, q_len, prefix, block_q)
     got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
     want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
@@ -55,7 +49,7 @@ def test_fast_path_matches_reference(kind, heads, kv_heads, q_len, prefix, block
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_dtypes_and_head_dims(dtype, dim):
-    q, k, v, kp, vp = _qkv(9, 3, 100, 40, dim, dtype)
+    q, k, v, kp, vp = random_qkv(9, 3, 100, 40, dim, dtype)
     index = _vs(9, 100, 40, 32)
     got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
     want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
@@ -64,7 +58,7 @@ def test_dtypes_and_head_dims(dtype, dim):
 
 
 def test_density_one_equals_dense_attention():
-    q, k, v, kp, vp = _qkv(9, 3, 300, 50, 64)
+    q, k, v, kp, vp = random_qkv(9, 3, 300, 50, 64)
     index = dense_index(9, 300, 50)
     assert index.density() == 1.0
     torch.testing.assert_close(sparse_prefill_attention(q, k, v, kp, vp, index=index),
@@ -86,7 +80,7 @@ def test_density_counts_the_mask(kind):
 
 def test_chunked_equals_whole_prefill_rows():
     # A chunk after a cached prefix reads the same keys as those rows of one whole prefill.
-    q, k, v, _, _ = _qkv(9, 3, 256, 0, 64)
+    q, k, v, _, _ = random_qkv(9, 3, 256, 0, 64)
     whole = sparse_prefill_attention(q, k, v, index=streaming_index(9, 256, 4, 32, block_q=32))
     tail = sparse_prefill_attention(q[:, 160:], k[:, 160:], v[:, 160:], k[:, :160], v[:, :160],
                                     index=streaming_index(9, 96, 4, 32, prefix=160, block_q=32))
@@ -94,7 +88,7 @@ def test_chunked_equals_whole_prefill_rows():
 
 
 def test_index_shape_mismatch_is_an_error():
-    q, k, v, kp, vp = _qkv(9, 3, 10, 5, 64)
+    q, k, v, kp, vp = random_qkv(9, 3, 10, 5, 64)
     with pytest.raises(ValueError, match="index is for"):
         sparse_prefill_attention(q, k, v, kp, vp, index=dense_index(9, 10, 0))
 
@@ -106,7 +100,7 @@ def test_ragged_batch_equals_each_sequence():
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
-    q, k, v, _, _ = _qkv(9, 3, cu[-1], 0, 64)
+    q, k, v, _, _ = random_qkv(9, 3, cu[-1], 0, 64)
     indexes = [_vs(9, n, 0, 32, seed=i) for i, n in enumerate(lengths)]
     got = sparse_prefill_attention_varlen(q, k, v, cu, indexes)
     for index, a, b in zip(indexes, cu, cu[1:]):
@@ -117,7 +111,7 @@ def test_ragged_batch_equals_each_sequence():
 def test_row_reference_matches_full_reference():
     from fastctx.kernels.sparse import reference_sparse_rows
 
-    q, k, v, kp, vp = _qkv(9, 3, 120, 30, 64)
+    q, k, v, kp, vp = random_qkv(9, 3, 120, 30, 64)
     index = _vs(9, 120, 30, 32)
     rows = torch.tensor([0, 31, 32, 119])
     full = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)

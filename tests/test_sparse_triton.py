@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import random_qkv
+
 from fastctx.kernels import lserve as ls
 from fastctx.kernels.sparse import (
     dense_index,
@@ -40,14 +42,6 @@ def _interpret_on_cpu(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(heads, q_len, dim, generator=g).to(dtype)
-    k = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
-    v = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
-    return q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix]
-
-
 def _vs(heads, q_len, prefix, block_q):
     g = torch.Generator().manual_seed(1)
     total = prefix + q_len
@@ -60,7 +54,7 @@ def _vs(heads, q_len, prefix, block_q):
 @pytest.mark.parametrize("heads,kv_heads,q_len,prefix,block_q", [
     (4, 2, 40, 0, 16), (3, 3, 70, 30, 32), (2, 1, 33, 17, 16)])
 def test_triton_matches_reference(kind, heads, kv_heads, q_len, prefix, block_q):
-    q, k, v, kp, vp = _qkv(heads, kv_heads, q_len, prefix, 64)
+    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, 64)
     index = {"dense": lambda: dense_index(heads, q_len, prefix, block_q),
              "streaming": lambda: streaming_index(heads, q_len, 2, 12, prefix, block_q),
              "vertical_slash": lambda: _vs(heads, q_len, prefix, block_q)}[kind]()
@@ -71,7 +65,7 @@ def test_triton_matches_reference(kind, heads, kv_heads, q_len, prefix, block_q)
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
 def test_triton_half_precision_and_head_dim_128(dtype, tol):
-    q, k, v, kp, vp = _qkv(2, 1, 32, 16, 128, dtype)
+    q, k, v, kp, vp = random_qkv(2, 1, 32, 16, 128, dtype)
     index = _vs(2, 32, 16, 16)
     got = triton_kernel.sparse_prefill_attention_triton(q, k, v, kp, vp, index=index, block_n=16)
     want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)

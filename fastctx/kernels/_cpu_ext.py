@@ -20,7 +20,13 @@ def cpu_ops():
 
     from fastctx.models import fastctx_home
 
-    build_dir = fastctx_home() / "torch_extensions" / "sparse_prefill_cpu"
+    import platform
+
+    import torch
+
+    # Built with -march=native against this torch's ABI: key the build by both.
+    tag = f"torch{torch.__version__}-{platform.machine()}".replace("+", "_")
+    build_dir = fastctx_home() / "torch_extensions" / f"sparse_prefill_cpu-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name="fastctx_sparse_prefill_cpu", sources=[str(s) for s in _SOURCES],
                 build_directory=str(build_dir),
