@@ -39,6 +39,30 @@ BLOCK = 64
 
 
 @dataclass(frozen=True)
+class MInferenceParams:
+    pattern_config: str | None = None  # MInference per-head JSON; None = every head vertical-slash
+    last_q: int = LAST_Q
+    v_size: int = DEFAULT_PATTERN[1]  # budgets of heads the config does not name
+    s_size: int = DEFAULT_PATTERN[2]
+
+    def __post_init__(self):
+        if self.last_q < 1:
+            raise ValueError(f"minference last_q={self.last_q} must be >= 1 (MInference uses 64)")
+        if self.v_size < 1 or self.s_size < 1:
+            raise ValueError(f"minference v_size/s_size must be >= 1, got {self.v_size}/{self.s_size} "
+                             "(MInference's default is 1000/6096)")
+        if self.pattern_config is not None and not Path(self.pattern_config).is_file():
+            raise ValueError(f"minference pattern_config {self.pattern_config!r} is not a file; "
+                             "create one with `fastctx minference search` or drop the key")
+
+    def layer_patterns(self, num_layers: int, num_heads: int) -> list[list["HeadPattern"]]:
+        if self.pattern_config is None:
+            return [[HeadPattern("vertical_and_slash", self.v_size, self.s_size)] * num_heads] * num_layers
+        return load_pattern_config(self.pattern_config, num_layers, num_heads,
+                                   default=HeadPattern("vertical_and_slash", self.v_size, self.s_size))
+
+
+@dataclass(frozen=True)
 class HeadPattern:
     kind: str  # one of PATTERNS
     v: int  # vertical budget, block top-k, or A-shape sink
@@ -110,11 +134,11 @@ def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, b
     return mask | diagonal
 
 
-def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0) -> SparseIndex:
+def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0, last_q: int = LAST_Q) -> SparseIndex:
     """The sparse index of one or more heads that share ``pattern``."""
     q_len = q.shape[1]
     if pattern.kind == "vertical_and_slash":
-        v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix)
+        v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix, last_q=last_q)
         return vertical_slash_index(v_idx, s_idx, q_len, prefix, DEFAULT_BLOCK_Q)
     if pattern.kind == "block_sparse":
         return block_mask_index(block_sparse_mask(q, k, pattern.v, prefix=prefix), BLOCK, q_len, prefix)
@@ -123,11 +147,14 @@ def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0) -> SparseIndex:
     raise ValueError(f"unknown MInference pattern {pattern.kind!r}; expected one of {PATTERNS}")
 
 
-def load_pattern_config(path: str | Path, num_layers: int, num_heads: int) -> list[list[HeadPattern]]:
+def load_pattern_config(path: str | Path, num_layers: int, num_heads: int,
+                        default: HeadPattern | None = None) -> list[list[HeadPattern]]:
     """MInference's per-head pattern JSON, checked against the model's layer and head counts.
 
-    Heads missing from a layer get MInference's default ``(vertical_and_slash, 1000, 6096)``.
+    Heads missing from a layer get ``default``, by default MInference's
+    ``(vertical_and_slash, 1000, 6096)``.
     """
+    default = default or HeadPattern(*DEFAULT_PATTERN)
     path = Path(path)
     try:
         layers = json.loads(path.read_text())
@@ -145,7 +172,7 @@ def load_pattern_config(path: str | Path, num_layers: int, num_heads: int) -> li
                              f"model has {num_heads} attention heads per layer")
         row = []
         for h in range(num_heads):
-            kind, v, s = heads.get(h, DEFAULT_PATTERN)[:3]
+            kind, v, s = heads.get(h, (default.kind, default.v, default.s))[:3]
             if kind not in PATTERNS:
                 raise ValueError(f"MInference pattern file {path}: layer {i} head {h} has pattern "
                                  f"{kind!r}; expected one of {PATTERNS}")
@@ -154,7 +181,7 @@ def load_pattern_config(path: str | Path, num_layers: int, num_heads: int) -> li
     return out
 
 
-def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0) -> SparseIndex:
+def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: int = LAST_Q) -> SparseIndex:
     """The index of every head of a layer, each head with its own pattern and budgets."""
     from fastctx.kernels.sparse import concat_heads
 
@@ -166,12 +193,12 @@ def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0) -> Sparse
     vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_and_slash"]
     if vs:
         v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], torch.tensor([patterns[h].v for h in vs]),
-                                      torch.tensor([patterns[h].s for h in vs]), prefix=prefix)
+                                      torch.tensor([patterns[h].s for h in vs]), prefix=prefix, last_q=last_q)
         index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
         parts.update({h: _head(index, i) for i, h in enumerate(vs)})
     for h, p in enumerate(patterns):
         if h not in parts:
-            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix)
+            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix, last_q=last_q)
     return concat_heads([parts[h] for h in range(heads)])
 
 

@@ -52,8 +52,12 @@ class SparseIndex:
         tk = self.prefix + self.q_len
         keys = torch.arange(tk)
         block_of_row = rows // self.block_q
-        rng = self.ranges[:, block_of_row].long()  # [H, rows, NR, 2]
-        keep = ((keys >= rng[..., 0:1]) & (keys < rng[..., 1:2])).any(2)  # [H, rows, Tk]
+        rng = self.ranges[:, block_of_row].long().clamp(0, tk)  # [H, rows, NR, 2]
+        # Coverage by a difference array: +1 where a range starts, -1 where it ends.
+        edges = torch.zeros(heads, len(rows), tk + 1, dtype=torch.int32)
+        nonempty = (rng[..., 1] > rng[..., 0]).int()
+        edges.scatter_add_(2, rng[..., 0], nonempty).scatter_add_(2, rng[..., 1], -nonempty)
+        keep = edges.cumsum(2)[..., :tk] > 0  # [H, rows, Tk]
         cols = self.cols[:, block_of_row].long()  # [H, rows, NC]
         hit = torch.zeros(heads, len(rows), tk + 1, dtype=torch.bool)
         hit.scatter_(2, torch.where(cols < 0, tk, cols), True)
@@ -63,6 +67,11 @@ class SparseIndex:
 
     def density(self) -> float:
         """Share of the causal (query, key) pairs that the index reads (1.0 = dense)."""
+        read, causal = self.pair_counts()
+        return read / causal
+
+    def pair_counts(self) -> tuple[int, int]:
+        """(query, key) pairs the index reads, and causal pairs, summed over heads."""
         first, last = self.block_rows()
         rows = self.prefix + torch.arange(self.q_len)
         block_of_row = torch.arange(self.q_len) // self.block_q
@@ -72,8 +81,8 @@ class SparseIndex:
         cols = self.cols.long()  # [H, R, NC]; ranges and columns never overlap
         col_rows = (last[None, :, None] - torch.maximum(cols, first[None, :, None]) + 1).clamp(min=0)
         from_cols = torch.where(cols >= 0, col_rows, 0).sum((1, 2))
-        causal = (rows + 1).sum()
-        return float((from_ranges + from_cols).sum() / (causal * self.ranges.shape[0]))
+        causal = int((rows + 1).sum()) * self.ranges.shape[0]
+        return int((from_ranges + from_cols).sum()), causal
 
 
 def _stack_ranges(per_head: list[torch.Tensor]) -> torch.Tensor:

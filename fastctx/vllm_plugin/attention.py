@@ -10,6 +10,7 @@ attention, non-``vec`` cache layouts) stay entirely on the stock kernel.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,13 +27,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from fastctx.kernels import prefill_attention
+from fastctx.methods import PrefillMethod, build_prefill_method
 from fastctx.vllm_plugin.paged_kv import gather_context_kv
 
 # Under the "vllm" logger tree so messages follow vLLM's own log config.
 logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
-
-PREFILL_METHODS = {"dense": prefill_attention}
 
 # Layouts whose K/V blocks gather_context_kv can read (K transposed per block).
 _READABLE_ISAS = ("vec", "vec16")
@@ -140,9 +139,10 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         from fastctx.vllm_plugin.platform import validate
 
-        self.fastctx_config = validate(get_current_vllm_config())
-        self.prefill = PREFILL_METHODS[self.fastctx_config.attention]
-        logger.info_once("fastctx attention: prefill method %r", self.fastctx_config.attention)
+        vllm_config = get_current_vllm_config()
+        self.fastctx_config = validate(vllm_config)
+        self.prefill = prefill_method(vllm_config, self.fastctx_config)
+        self.layer_index: int | None = None
         self.translatable = (
             self.attn_type == AttentionType.DECODER and self.alibi_slopes is None
             and self.sliding_window == -1 and not self.logits_soft_cap
@@ -170,6 +170,8 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
                 softcap=0, scheduler_metadata=meta.decode_scheduler_metadata, s_aux=None,
                 dynamic_causal=None, k_scale=layer._k_scale_float,
                 v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
+        if self.layer_index is None:
+            self.layer_index = _layer_number(layer.layer_name)
         qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
         out_view = output.view(output.shape[0], self.num_heads, self.head_size)
         for i in range(nd, len(seq_lens)):
@@ -181,6 +183,35 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
                     key_cache, value_cache, meta.block_table[i], context)
             out = self.prefill(
                 query[start:end].transpose(0, 1), key[start:end].transpose(0, 1),
-                value[start:end].transpose(0, 1), k_prefix, v_prefix, scale=self.scale)
+                value[start:end].transpose(0, 1), k_prefix, v_prefix, scale=self.scale,
+                layer=self.layer_index)
             out_view[start:end].copy_(out.transpose(0, 1))
         return output
+
+
+_METHOD: PrefillMethod | None = None
+
+
+def prefill_method(vllm_config, cfg) -> PrefillMethod:
+    """The process's one prefill method, shared by every layer (and its density counts)."""
+    global _METHOD
+    if _METHOD is None or _METHOD.config != cfg:
+        model = vllm_config.model_config
+        method = build_prefill_method(cfg, model.get_num_layers(vllm_config.parallel_config),
+                                      model.get_num_attention_heads(vllm_config.parallel_config))
+        method.config = cfg
+        _METHOD = method
+        logger.info("fastctx attention: prefill method %r, config %s", cfg.attention, cfg.as_dict())
+    return _METHOD
+
+
+def density_stats() -> dict:
+    """Achieved attention density of this process's prefill method so far."""
+    return {} if _METHOD is None else {"method": _METHOD.name, **_METHOD.stats.as_dict()}
+
+
+def _layer_number(layer_name: str) -> int:
+    match = re.search(r"\.(\d+)\.", layer_name)
+    if match is None:
+        raise ValueError(f"fastctx: cannot find the layer number in attention layer name {layer_name!r}")
+    return int(match.group(1))
