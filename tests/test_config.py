@@ -14,13 +14,27 @@ def test_every_method_is_accepted(method):
 
 
 @pytest.mark.parametrize("section,needle", [
-    ({"atention": "dense"}, "unknown key 'atention'; allowed keys: attention"),
-    ({"attention": "magic"}, "attention='magic' is not a fastctx attention method; choose one of: dense"),
+    ({"atention": "dense"}, "unknown key 'atention'; allowed keys: attention, dense_below"),
+    ({"attention": "magic"},
+     "attention='magic' is not a fastctx attention method; choose one of: dense, minference, flexprefill"),
     ("dense", "must be a JSON object"),
+    ({"dense_below": -1}, "dense_below=-1 must be a token count >= 0"),
+    ({"minference": {"v": 3}}, "unknown key minference.'v'; allowed keys: pattern_config, last_q, v_size, s_size"),
+    ({"minference": {"last_q": 0}}, "minference: minference last_q=0 must be >= 1"),
+    ({"minference": {"pattern_config": "/nonexistent.json"}}, "is not a file; create one with `fastctx minference search`"),
+    ({"flexprefill": {"gamma": 1.5}}, "flexprefill gamma=1.5 must be in"),
+    ({"flexprefill": []}, "flexprefill must be a JSON object of knobs"),
 ])
 def test_bad_config_names_the_problem(section, needle):
-    with pytest.raises(FastctxConfigError, match=needle.replace("(", r"\(")):
+    with pytest.raises(FastctxConfigError) as info:
         FastctxConfig.from_section(section)
+    assert needle in str(info.value)
+
+
+def test_knob_defaults_come_from_the_papers():
+    cfg = FastctxConfig.from_section({"attention": "flexprefill", "flexprefill": {"gamma": 0.95}})
+    assert (cfg.flexprefill.gamma, cfg.flexprefill.tau, cfg.flexprefill.block_size) == (0.95, 0.1, 128)
+    assert (cfg.minference.last_q, cfg.minference.v_size, cfg.minference.s_size) == (64, 1000, 6096)
 
 
 @pytest.mark.engine

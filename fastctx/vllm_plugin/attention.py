@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from fastctx.config import FastctxConfig
 from fastctx.methods import PrefillMethod, build_prefill_method
 from fastctx.vllm_plugin.paged_kv import gather_context_kv
 
@@ -189,25 +190,23 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
         return output
 
 
-_METHOD: PrefillMethod | None = None
+# One prefill method per distinct fastctx config in this process, shared by
+# every layer of an engine (so its density counts cover the whole model).
+_METHODS: dict[FastctxConfig, PrefillMethod] = {}
 
 
-def prefill_method(vllm_config, cfg) -> PrefillMethod:
-    """The process's one prefill method, shared by every layer (and its density counts)."""
-    global _METHOD
-    if _METHOD is None or _METHOD.config != cfg:
+def prefill_method(vllm_config, cfg: FastctxConfig) -> PrefillMethod:
+    if cfg not in _METHODS:
         model = vllm_config.model_config
-        method = build_prefill_method(cfg, model.get_num_layers(vllm_config.parallel_config),
-                                      model.get_num_attention_heads(vllm_config.parallel_config))
-        method.config = cfg
-        _METHOD = method
+        _METHODS[cfg] = build_prefill_method(cfg, model.get_num_layers(vllm_config.parallel_config),
+                                             model.get_num_attention_heads(vllm_config.parallel_config))
         logger.info("fastctx attention: prefill method %r, config %s", cfg.attention, cfg.as_dict())
-    return _METHOD
+    return _METHODS[cfg]
 
 
-def density_stats() -> dict:
-    """Achieved attention density of this process's prefill method so far."""
-    return {} if _METHOD is None else {"method": _METHOD.name, **_METHOD.stats.as_dict()}
+def density_stats() -> list[dict]:
+    """Achieved attention density of each prefill method in this process so far."""
+    return [{"method": m.name, "config": cfg.as_dict(), **m.stats.as_dict()} for cfg, m in _METHODS.items()]
 
 
 def _layer_number(layer_name: str) -> int:
