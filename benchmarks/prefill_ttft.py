@@ -52,7 +52,8 @@ def build_engines(model: str, max_len: int, methods: dict):
     from vllm import LLM
 
     common = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=max_len,
-                  enable_prefix_caching=False, seed=0)
+                  enable_prefix_caching=False, seed=0,
+                  worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
     return {name: LLM(**common, **engine_kwargs(section)) for name, section in methods.items()}
 
 
@@ -74,20 +75,10 @@ def ttft(llm, ids: list[int]) -> tuple[float, int]:
     return time.perf_counter() - start, out[0].outputs[0].token_ids[0]
 
 
-def _density_on_worker(worker, reset: bool):
-    from fastctx.methods import DensityStats
-    from fastctx.vllm_plugin.attention import _METHODS
-
-    stats = [m.stats for m in _METHODS.values()]
-    if reset:
-        for m in _METHODS.values():
-            m.stats = DensityStats()
-    return stats[0].density if stats else 1.0
-
-
 def engine_density(llm, reset: bool = False) -> float:
     """Density the engine's backend achieved since the last reset (read in its worker)."""
-    return round(llm.collective_rpc(_density_on_worker, args=(reset,))[0], 4)
+    stats = llm.collective_rpc("fastctx_density", args=(reset,))[0]
+    return round(stats[0]["density"], 4) if stats else 1.0
 
 
 def show_generation(engines, tokenizer) -> bool:

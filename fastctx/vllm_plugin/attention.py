@@ -28,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from fastctx.config import FastctxConfig
-from fastctx.methods import PrefillMethod, build_prefill_method
+from fastctx.methods import DensityStats, PrefillMethod, build_prefill_method
 from fastctx.vllm_plugin.paged_kv import gather_context_kv
 
 # Under the "vllm" logger tree so messages follow vLLM's own log config.
@@ -204,9 +204,13 @@ def prefill_method(vllm_config, cfg: FastctxConfig) -> PrefillMethod:
     return _METHODS[cfg]
 
 
-def density_stats() -> list[dict]:
+def density_stats(reset: bool = False) -> list[dict]:
     """Achieved attention density of each prefill method in this process so far."""
-    return [{"method": m.name, "config": cfg.as_dict(), **m.stats.as_dict()} for cfg, m in _METHODS.items()]
+    stats = [{"method": m.name, "config": cfg.as_dict(), **m.stats.as_dict()} for cfg, m in _METHODS.items()]
+    if reset:
+        for method in _METHODS.values():
+            method.stats = DensityStats()
+    return stats
 
 
 def _layer_number(layer_name: str) -> int:
