@@ -76,17 +76,27 @@ def _scores_last_queries(q, k, prefix, last_q, scale):
     group = heads // k.shape[0]
     scale = dim ** -0.5 if scale is None else scale
     pos = prefix + q_len - n + torch.arange(n)
-    scores = torch.einsum("hnd,hkd->hnk", q[:, -n:].float(), k.float().repeat_interleave(group, 0)) * scale
+    # Grouped so that each KV head's keys are read once, never copied per query head.
+    q_grouped = q[:, -n:].float().reshape(k.shape[0], group * n, dim)
+    scores = torch.bmm(q_grouped, k.float().transpose(1, 2)).view(heads, n, -1) * scale
     scores = scores.masked_fill(torch.arange(k.shape[1])[None, None] > pos[None, :, None], float("-inf"))
     return torch.softmax(scores, -1), pos
 
 
 def diagonal_sums(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``[H, Tk]``: attention mass on each diagonal offset (query position - key position)."""
+    """``[H, Tk]``: attention mass on each diagonal offset (query position - key position).
+
+    ``probs`` are the last queries of a chunk (consecutive positions ending at
+    key ``Tk - 1``), with zero mass on masked keys.
+    """
     heads, n, tk = probs.shape
-    offsets = (pos[:, None] - torch.arange(tk)[None]).clamp(min=0)  # masked entries carry 0 mass
-    out = torch.zeros(heads, tk, dtype=probs.dtype)
-    return out.scatter_add_(1, offsets.reshape(1, -1).expand(heads, -1), probs.reshape(heads, -1))
+    if int(pos[-1]) != tk - 1 or n > 1 and not bool((pos.diff() == 1).all()):
+        raise ValueError("diagonal_sums expects consecutive query positions ending at the last key")
+    # Flip keys so offset o of row i sits at column o + (n - 1 - i), then read
+    # every row shifted by its own amount through one strided view.
+    flipped = torch.nn.functional.pad(probs.flip(-1), (0, n)).contiguous()  # [H, n, Tk + n]
+    skewed = flipped.as_strided((heads, n, tk), (n * (tk + n), tk + n - 1, 1), n - 1)
+    return skewed.sum(1)
 
 
 def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
@@ -188,12 +198,15 @@ def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: i
     heads = q.shape[0]
     if len(patterns) != heads:
         raise ValueError(f"{len(patterns)} head patterns for {heads} heads")
+    vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_and_slash"]
+    budgets = (torch.tensor([patterns[h].v for h in vs]), torch.tensor([patterns[h].s for h in vs]))
+    if len(vs) == heads:  # the common case: no per-head copies of the keys
+        v_idx, s_idx = vertical_slash(q, k, *budgets, prefix=prefix, last_q=last_q)
+        return vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
     k_per_head = k.repeat_interleave(heads // k.shape[0], 0)
     parts: dict[int, SparseIndex] = {}
-    vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_and_slash"]
     if vs:
-        v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], torch.tensor([patterns[h].v for h in vs]),
-                                      torch.tensor([patterns[h].s for h in vs]), prefix=prefix, last_q=last_q)
+        v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], *budgets, prefix=prefix, last_q=last_q)
         index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
         parts.update({h: _head(index, i) for i, h in enumerate(vs)})
     for h, p in enumerate(patterns):
