@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--out", required=True, help="pattern file to write")
     search.add_argument("--tokens", type=int, default=4096, help="length of the retrieval sample")
     search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--budget", type=float, default=0.1,
+                        help="share of a query's keys each candidate pattern reads (cost of the search)")
     args = parser.parse_args(argv)
 
     if args.command == "minference":
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         except ModelPrepareError as exc:
             print(f"fastctx minference search: error: {exc}", file=sys.stderr)
             return 1
-        print(pattern_search.write(pattern_search.search(model_dir, args.tokens, args.seed), args.out))
+        print(pattern_search.write(pattern_search.search(model_dir, args.tokens, args.seed, args.budget), args.out))
         return 0
     try:
         if args.action == "prepare":

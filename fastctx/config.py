@@ -28,6 +28,14 @@ class FastctxConfigError(ValueError):
     """A bad ``fastctx`` config; the message says what to change."""
 
 
+def _check_keys(section: Mapping, cls, where: str) -> None:
+    allowed = [f.name for f in fields(cls)]
+    for key in section:
+        if key not in allowed:
+            raise FastctxConfigError(
+                f"fastctx config: unknown key {where}{key!r}; allowed keys: {', '.join(allowed)}")
+
+
 def _params(cls, section: Any, name: str):
     """Build a knob dataclass from a user dict, naming the bad key or value."""
     if section is None:
@@ -35,11 +43,7 @@ def _params(cls, section: Any, name: str):
     if not isinstance(section, Mapping):
         raise FastctxConfigError(f"fastctx config: {name} must be a JSON object of knobs, "
                                  f"got {type(section).__name__}")
-    allowed = [f.name for f in fields(cls)]
-    for key in section:
-        if key not in allowed:
-            raise FastctxConfigError(
-                f"fastctx config: unknown key {name}.{key!r}; allowed keys: {', '.join(allowed)}")
+    _check_keys(section, cls, f"{name}.")
     try:
         return cls(**section)
     except (TypeError, ValueError) as exc:
@@ -61,11 +65,7 @@ class FastctxConfig:
             raise FastctxConfigError(
                 f"fastctx config must be a JSON object, e.g. "
                 f'{{"{SECTION}": {{"attention": "dense"}}}}; got {type(section).__name__}')
-        allowed = [f.name for f in fields(cls)]
-        for key in section:
-            if key not in allowed:
-                raise FastctxConfigError(
-                    f"fastctx config: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        _check_keys(section, cls, "")
         attention = section.get("attention", cls.attention)
         if attention not in ATTENTION_METHODS:
             raise FastctxConfigError(

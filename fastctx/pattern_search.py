@@ -10,7 +10,7 @@ written in MInference's own JSON format (a list over layers of
 ``{head: [pattern, v, s, recall]}``), so MInference's published files and
 searched ones are interchangeable.
 
-    fastctx minference search --model DIR --out patterns.json [--tokens 4096]
+    fastctx minference search --model DIR --out patterns.json [--tokens 4096] [--budget 0.1]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastctx.kernels import minference as mi
+from fastctx.kernels.sparse import attention_recall
 
 SEARCH_ROWS = 256
 
@@ -44,9 +45,15 @@ def kv_retrieval_prompt(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
         ids = candidate
 
 
-def candidates(num_tokens: int) -> list[mi.HeadPattern]:
-    """Patterns of comparable cost at the sample length: about a tenth of the causal pairs each."""
-    budget = max(64, num_tokens // 10)
+DEFAULT_BUDGET = 0.1
+
+
+def candidates(num_tokens: int, budget_share: float = DEFAULT_BUDGET) -> list[mi.HeadPattern]:
+    """Patterns of comparable cost at the sample length: each reads about ``budget_share``
+    of a query's keys (for vertical-slash: columns + diagonals)."""
+    if not 0 < budget_share <= 1:
+        raise ValueError(f"budget share {budget_share} must be in (0, 1] (default {DEFAULT_BUDGET})")
+    budget = max(64, int(num_tokens * budget_share))
     return [
         mi.HeadPattern("vertical_and_slash", 30, budget),
         mi.HeadPattern("vertical_and_slash", budget // 4, budget * 3 // 4),
@@ -62,25 +69,19 @@ def head_recalls(q, k, patterns: list[mi.HeadPattern], scale: float) -> torch.Te
     heads, tq, _ = q.shape
     rows = torch.arange(tq // 2, tq)
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:SEARCH_ROWS]]
-    group = heads // k.shape[0]
-    scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
-    causal = torch.arange(k.shape[1])[None] <= rows[:, None]
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-    out = torch.empty(len(patterns), heads)
-    for i, pattern in enumerate(patterns):
-        index = mi.layer_index([pattern] * heads, q, k)
-        out[i] = (probs * index.mask(rows)).sum(-1).mean(-1)
-    return out
+    return torch.stack([attention_recall(q, k, index=mi.layer_index([p] * heads, q, k), rows=rows, scale=scale)
+                        for p in patterns])
 
 
-def search(model_dir: str, num_tokens: int = 4096, seed: int = 0) -> list[dict]:
+def search(model_dir: str, num_tokens: int = 4096, seed: int = 0,
+           budget_share: float = DEFAULT_BUDGET) -> list[dict]:
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
     from fastctx.kernels.dense import prefill_attention
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = kv_retrieval_prompt(tokenizer, num_tokens, seed)
-    patterns = candidates(len(ids))
+    patterns = candidates(len(ids), budget_share)
     layers: dict[int, dict] = {}
 
     def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):

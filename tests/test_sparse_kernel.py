@@ -117,3 +117,19 @@ def test_row_reference_matches_full_reference():
     full = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
     part = reference_sparse_rows(q, torch.cat([kp, k], 1), torch.cat([vp, v], 1), index=index, rows=rows)
     torch.testing.assert_close(part, full[:, rows])
+
+
+def test_attention_recall():
+    from fastctx.kernels.sparse import attention_recall
+
+    q, k, _, kp, _ = random_qkv(9, 3, 100, 20, 64)
+    k_all = torch.cat([kp, k], 1)
+    rows = torch.tensor([0, 50, 99])
+    assert torch.allclose(attention_recall(q, k_all, index=dense_index(9, 100, 20), rows=rows), torch.ones(9))
+    index = streaming_index(9, 100, sink=2, local=10, prefix=20, block_q=16)
+    scores = torch.einsum("htd,hsd->hts", q[:, rows], k_all.repeat_interleave(3, 0)) * 64 ** -0.5
+    causal = torch.arange(120)[None] <= (20 + rows)[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    want = (probs * index.mask(rows)).sum(-1).mean(-1)
+    torch.testing.assert_close(attention_recall(q, k_all, index=index, rows=rows), want)
+    assert (want < 1).all()

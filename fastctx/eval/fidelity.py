@@ -25,6 +25,7 @@ import torch
 from fastctx.config import FastctxConfig
 from fastctx.eval.texts import prompt_token_ids
 from fastctx.kernels.dense import prefill_attention
+from fastctx.kernels.sparse import attention_recall
 from fastctx.methods import PrefillMethod, build_prefill_method
 
 _ATTN_NAME = "fastctx_fidelity"
@@ -47,15 +48,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
 
 def _recall(method, q, k, scale, layer) -> float:
     """Mean over sampled rows and heads of the dense softmax mass inside the method's index."""
-    index = method.index(q, k, prefix=0, scale=scale, layer=layer)
     tq = q.shape[1]
     g = torch.Generator().manual_seed(layer)
     rows = torch.cat([torch.randperm(tq, generator=g)[:RECALL_ROWS], torch.arange(max(0, tq - 64), tq)])
-    group = q.shape[0] // k.shape[0]
-    scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
-    causal = torch.arange(k.shape[1])[None] <= rows[:, None]
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
-    return float((probs * index.mask(rows)).sum(-1).mean())
+    index = method.index(q, k, prefix=0, scale=scale, layer=layer)
+    return float(attention_recall(q, k, index=index, rows=rows, scale=scale).mean())
 
 
 def load_model(model_dir: str):

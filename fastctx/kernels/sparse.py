@@ -196,6 +196,20 @@ def reference_sparse_rows(q, k, v, *, index: SparseIndex, rows: torch.Tensor,
     return torch.einsum("hts,hsd->htd", probs, v.float().repeat_interleave(group, 0)).to(q.dtype)
 
 
+def attention_recall(q, k, *, index: SparseIndex, rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``[H]``: share of each head's dense softmax mass (over query ``rows``) that ``index`` covers.
+
+    ``k`` includes the prefix; rows are 0-based within the chunk.
+    """
+    _check(q, k, k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[0] // k.shape[0]
+    scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
+    causal = torch.arange(k.shape[1])[None] <= (index.prefix + rows)[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    return (probs * index.mask(rows)).sum(-1).mean(-1)
+
+
 def sparse_prefill_attention_varlen(q, k, v, cu_seqlens: list[int], indexes: list[SparseIndex], *,
                                     scale: float | None = None) -> torch.Tensor:
     """A ragged batch: ``q`` ``[H, T, D]`` and ``k``/``v`` ``[Hkv, T, D]`` hold the sequences
