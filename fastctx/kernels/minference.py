@@ -77,8 +77,8 @@ def _scores_last_queries(q, k, prefix, last_q, scale):
     scale = dim ** -0.5 if scale is None else scale
     pos = prefix + q_len - n + torch.arange(n)
     # Grouped so that each KV head's keys are read once, never copied per query head.
-    q_grouped = q[:, -n:].float().reshape(k.shape[0], group * n, dim)
-    scores = torch.bmm(q_grouped, k.float().transpose(1, 2)).view(heads, n, -1) * scale
+    q_grouped = (q[:, -n:].float() * scale).reshape(k.shape[0], group * n, dim)
+    scores = torch.bmm(q_grouped, k.float().transpose(1, 2)).view(heads, n, -1)
     scores = scores.masked_fill(torch.arange(k.shape[1])[None, None] > pos[None, :, None], float("-inf"))
     return torch.softmax(scores, -1), pos
 
@@ -92,11 +92,12 @@ def diagonal_sums(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     heads, n, tk = probs.shape
     if int(pos[-1]) != tk - 1 or n > 1 and not bool((pos.diff() == 1).all()):
         raise ValueError("diagonal_sums expects consecutive query positions ending at the last key")
-    # Flip keys so offset o of row i sits at column o + (n - 1 - i), then read
-    # every row shifted by its own amount through one strided view.
-    flipped = torch.nn.functional.pad(probs.flip(-1), (0, n)).contiguous()  # [H, n, Tk + n]
-    skewed = flipped.as_strided((heads, n, tk), (n * (tk + n), tk + n - 1, 1), n - 1)
-    return skewed.sum(1)
+    # Row i's key d - (n - 1 - i) lies on the diagonal of the last row's key d:
+    # after n zeros of left padding it sits at column d + i + 1, so one strided
+    # view lines every row up; the sums come out indexed by d = Tk - 1 - offset.
+    padded = torch.nn.functional.pad(probs, (n, 0)).contiguous()  # [H, n, Tk + n]
+    skewed = padded.as_strided((heads, n, tk), (n * (tk + n), tk + n + 1, 1), 1)
+    return skewed.sum(1).flip(-1)
 
 
 def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
