@@ -19,8 +19,10 @@ import torch
 from fastctx.kernels import prefill_attention
 
 
-def best_ms(fn, reps: int) -> float:
-    fn()
+def best_ms(fn, reps: int, warmup: bool = True) -> float:
+    """Fastest of ``reps`` timed calls, in milliseconds (after one untimed call if ``warmup``)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
