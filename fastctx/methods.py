@@ -90,7 +90,8 @@ class MInferencePrefill(PrefillMethod):
         self.patterns = params.layer_patterns(num_layers, num_heads)
 
     def index(self, q, k, *, prefix, scale, layer):
-        return minference.layer_index(self.patterns[layer], q, k, prefix=prefix, last_q=self.params.last_q)
+        return minference.layer_index(self.patterns[layer], q, k, prefix=prefix, last_q=self.params.last_q,
+                                      block_q=self.params.block_size)
 
 
 class FlexPrefill(PrefillMethod):

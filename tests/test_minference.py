@@ -65,11 +65,14 @@ def test_block_sparse_mask_is_causal_and_keeps_diagonal():
                                      mi.HeadPattern("block_sparse", 2, 0),
                                      mi.HeadPattern("stream_llm", 16, 64)])
 @pytest.mark.parametrize("prefix", [0, 70])
-def test_every_pattern_runs_on_the_kernel(pattern, prefix):
+@pytest.mark.parametrize("block_q", [32, 64, 128])
+def test_every_pattern_runs_on_the_kernel(pattern, prefix, block_q):
     q, k = _qk(q_len=200, prefix=prefix)
     v = torch.randn_like(k)
-    index = mi.layer_index([pattern] * 9, q, k, prefix=prefix)
-    assert 0 < index.density() < 1
+    index = mi.layer_index([pattern] * 9, q, k, prefix=prefix, block_q=block_q)
+    assert index.block_q == block_q
+    # 128-row blocks plus the 100 local diagonals cover all of a 200-token chunk.
+    assert 0 < index.density() < 1 or block_q == 128
     got = sparse_prefill_attention(q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix], index=index)
     want = reference_sparse_prefill_attention(q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix],
                                               index=index)
@@ -120,3 +123,18 @@ def test_unknown_pattern_is_rejected(tmp_path):
     path.write_text(json.dumps(_config(1, 9, ("magic", 1, 2, 0.0))))
     with pytest.raises(ValueError, match="'magic'"):
         mi.load_pattern_config(path, num_layers=1, num_heads=9)
+
+
+def test_block_sparse_rows_keep_their_blocks_at_other_query_block_sizes():
+    q, k = _qk(q_len=200, prefix=30)
+    pattern = mi.HeadPattern("block_sparse", 2, 0)
+    at64 = mi.layer_index([pattern] * 9, q, k, prefix=30, block_q=64).mask()
+    at32 = mi.layer_index([pattern] * 9, q, k, prefix=30, block_q=32).mask()
+    assert torch.equal(at64, at32)
+
+
+def test_mixed_patterns_share_a_finer_block_size():
+    q, k = _qk(q_len=200)
+    patterns = ([mi.HeadPattern("block_sparse", 2, 0)] * 3 + [mi.HeadPattern("stream_llm", 4, 32)] * 3
+                + [mi.HeadPattern("vertical_and_slash", 30, 50)] * 3)
+    assert mi.layer_index(patterns, q, k, block_q=32).block_q == 32

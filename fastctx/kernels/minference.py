@@ -44,8 +44,12 @@ class MInferenceParams:
     last_q: int = LAST_Q
     v_size: int = DEFAULT_PATTERN[1]  # budgets of heads the config does not name
     s_size: int = DEFAULT_PATTERN[2]
+    block_size: int = DEFAULT_BLOCK_Q  # query rows per index block of vertical-slash and A-shape heads
 
     def __post_init__(self):
+        if self.block_size not in (16, 32, 64, 128):
+            raise ValueError(f"minference block_size={self.block_size} must be 16, 32, 64 or 128 "
+                             "(MInference uses 64; 32 halves the cost of each slash line)")
         if self.last_q < 1:
             raise ValueError(f"minference last_q={self.last_q} must be >= 1 (MInference uses 64)")
         if self.v_size < 1 or self.s_size < 1:
@@ -145,16 +149,22 @@ def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, b
     return mask | diagonal
 
 
-def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0, last_q: int = LAST_Q) -> SparseIndex:
+def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0, last_q: int = LAST_Q,
+               block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
     """The sparse index of one or more heads that share ``pattern``."""
     q_len = q.shape[1]
     if pattern.kind == "vertical_and_slash":
         v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix, last_q=last_q)
-        return vertical_slash_index(v_idx, s_idx, q_len, prefix, DEFAULT_BLOCK_Q)
+        return vertical_slash_index(v_idx, s_idx, q_len, prefix, block_q)
     if pattern.kind == "block_sparse":
-        return block_mask_index(block_sparse_mask(q, k, pattern.v, prefix=prefix), BLOCK, q_len, prefix)
+        mask = block_sparse_mask(q, k, pattern.v, prefix=prefix)
+        if block_q != BLOCK:  # re-express the 64-row query blocks in rows of block_q (<= 128)
+            starts = torch.arange(0, q_len, block_q)
+            first, last = starts // BLOCK, torch.clamp(starts + block_q - 1, max=q_len - 1) // BLOCK
+            mask = mask[:, first] | mask[:, last]
+        return block_mask_index(mask, BLOCK, q_len, prefix, block_q)
     if pattern.kind == "stream_llm":
-        return streaming_index(q.shape[0], q_len, sink=pattern.v, local=pattern.s, prefix=prefix)
+        return streaming_index(q.shape[0], q_len, sink=pattern.v, local=pattern.s, prefix=prefix, block_q=block_q)
     raise ValueError(f"unknown MInference pattern {pattern.kind!r}; expected one of {PATTERNS}")
 
 
@@ -192,7 +202,8 @@ def load_pattern_config(path: str | Path, num_layers: int, num_heads: int,
     return out
 
 
-def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: int = LAST_Q) -> SparseIndex:
+def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: int = LAST_Q,
+                block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
     """The index of every head of a layer, each head with its own pattern and budgets."""
     from fastctx.kernels.sparse import concat_heads
 
@@ -203,16 +214,17 @@ def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: i
     budgets = (torch.tensor([patterns[h].v for h in vs]), torch.tensor([patterns[h].s for h in vs]))
     if len(vs) == heads:  # the common case: no per-head copies of the keys
         v_idx, s_idx = vertical_slash(q, k, *budgets, prefix=prefix, last_q=last_q)
-        return vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
+        return vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, block_q)
     k_per_head = k.repeat_interleave(heads // k.shape[0], 0)
     parts: dict[int, SparseIndex] = {}
     if vs:
         v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], *budgets, prefix=prefix, last_q=last_q)
-        index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, DEFAULT_BLOCK_Q)
+        index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, block_q)
         parts.update({h: _head(index, i) for i, h in enumerate(vs)})
     for h, p in enumerate(patterns):
         if h not in parts:
-            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix, last_q=last_q)
+            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix, last_q=last_q,
+                                  block_q=block_q)
     return concat_heads([parts[h] for h in range(heads)])
 
 
