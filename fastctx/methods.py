@@ -13,11 +13,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import torch
-
 from fastctx.config import FastctxConfig
 from fastctx.kernels import flexprefill, minference
-from fastctx.kernels.dense import prefill_attention
+from fastctx.kernels.dense import _join_prefix, prefill_attention
 from fastctx.kernels.sparse import sparse_prefill_attention
 
 
@@ -69,12 +67,13 @@ class PrefillMethod:
             with self._lock:
                 self.stats.add(causal, causal, sparse=False)
             return prefill_attention(q, k_new, v_new, k_prefix, v_prefix, scale=scale)
-        k_all = k_new if prefix == 0 else torch.cat([k_prefix, k_new], 1)
+        # Joined once: the estimator and the kernel both read all keys so far.
+        k_all, v_all, _ = _join_prefix(k_new, v_new, k_prefix, v_prefix)
         index = self.index(q, k_all, prefix=prefix, scale=scale, layer=layer)
         read, causal = index.pair_counts()
         with self._lock:
             self.stats.add(read, causal, sparse=True)
-        return sparse_prefill_attention(q, k_new, v_new, k_prefix, v_prefix, index=index, scale=scale)
+        return sparse_prefill_attention(q, k_all, v_all, index=index, scale=scale)
 
     def index(self, q, k, *, prefix: int, scale: float, layer: int):
         raise NotImplementedError

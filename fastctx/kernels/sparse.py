@@ -223,16 +223,27 @@ def sparse_prefill_attention_varlen(q, k, v, cu_seqlens: list[int], indexes: lis
     return out
 
 
+def joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index: SparseIndex):
+    """All keys/values of a chunk and its prefix length, checked against ``index``.
+
+    The prefix is whatever precedes the chunk's ``q_len`` keys, so callers that
+    already hold the joined K/V pass them as ``k_new``/``v_new`` without a copy.
+    """
+    k, v, _ = _join_prefix(k_new, v_new, k_prefix, v_prefix)
+    _check(q, k, v)
+    prefix = k.shape[1] - q.shape[1]
+    if (index.q_len, index.prefix) != (q.shape[1], prefix) or index.ranges.shape[0] != q.shape[0]:
+        raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
+                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
+    return k, v, prefix
+
+
 def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                              index: SparseIndex, scale: float | None = None) -> torch.Tensor:
     """Fast CPU path: the C++ kernel in float32 (other dtypes are computed in float32)."""
     from fastctx.kernels._cpu_ext import cpu_ops
 
-    k, v, prefix = _join_prefix(k_new, v_new, k_prefix, v_prefix)
-    _check(q, k, v)
-    if (index.q_len, index.prefix) != (q.shape[1], prefix) or index.ranges.shape[0] != q.shape[0]:
-        raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
-                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
+    k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = cpu_ops().sparse_prefill(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
                                    index.ranges, index.cols, prefix, index.block_q, scale)

@@ -12,8 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastctx.kernels.dense import _check, _join_prefix
-from fastctx.kernels.sparse import SparseIndex
+from fastctx.kernels.sparse import SparseIndex, joined_chunk
 
 
 @triton.jit
@@ -86,12 +85,8 @@ def sparse_prefill_attention_triton(q, k_new, v_new, k_prefix=None, v_prefix=Non
                                     index: SparseIndex, scale: float | None = None,
                                     block_n: int = 64) -> torch.Tensor:
     """Same contract as ``sparse_prefill_attention``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
-    k, v, prefix = _join_prefix(k_new, v_new, k_prefix, v_prefix)
-    _check(q, k, v)
+    k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     heads, q_len, dim = q.shape
-    if (index.q_len, index.prefix) != (q_len, prefix) or index.ranges.shape[0] != heads:
-        raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
-                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
     if dim & (dim - 1) or dim < 16:
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
     block_q = index.block_q if index.num_blocks > 1 else q_len
