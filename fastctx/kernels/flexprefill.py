@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastctx.kernels.minference import _scores_last_queries, diagonal_sums
+from fastctx.kernels.minference import _scores_last_queries, diagonal_sums, pool_blocks
 from fastctx.kernels.sparse import SparseIndex, block_mask_index
 
 
@@ -43,17 +43,6 @@ class FlexPrefillParams:
         if self.min_budget < 0 or (self.max_budget is not None and self.max_budget < self.min_budget):
             raise ValueError(f"flexprefill budgets must satisfy 0 <= min_budget <= max_budget, got "
                              f"{self.min_budget} and {self.max_budget}")
-
-
-def _pool(x: torch.Tensor, block: int, op: str) -> torch.Tensor:
-    """Sum or mean over blocks of the last dim-1 axis (``[..., T, *]`` -> ``[..., ceil(T/block), *]``)."""
-    t = x.shape[-2]
-    n = -(-t // block)
-    padded = torch.nn.functional.pad(x, (0, 0, 0, n * block - t)).unflatten(-2, (n, block)).sum(-2)
-    if op == "sum":
-        return padded
-    counts = torch.clamp(t - torch.arange(n) * block, max=block).to(x.dtype)
-    return padded / counts[:, None]
 
 
 def _count_to_mass(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -87,9 +76,9 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
     n_v = (_count_to_mass(vertical, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
     n_s = (_count_to_mass(slash, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
 
-    vertical_b = _pool(vertical[..., None], b, "sum")[..., 0]  # [H, NKB]
-    slash_b = _pool(slash[..., None], b, "sum")[..., 0]  # [H, NKB] by offset block
-    k_pooled = _pool(k.float(), b, "mean").repeat_interleave(group, 0)  # [H, NKB, D]
+    vertical_b = pool_blocks(vertical[..., None], b, "sum")[..., 0]  # [H, NKB]
+    slash_b = pool_blocks(slash[..., None], b, "sum")[..., 0]  # [H, NKB] by offset block
+    k_pooled = pool_blocks(k.float(), b, "mean").repeat_interleave(group, 0)  # [H, NKB, D]
     q_last = q[:, -n:].float().mean(1)  # [H, D]
     estimate = torch.softmax(torch.einsum("hd,hbd->hb", q_last, k_pooled) * scale, -1)
     query_aware = sqrt_js_divergence(estimate, vertical_b) < params.tau
@@ -117,7 +106,7 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
 
     if query_aware.any():
         qa = query_aware.nonzero().flatten()
-        q_pooled = _pool(q[qa].float(), b, "mean")  # [Hq, R, D]
+        q_pooled = pool_blocks(q[qa].float(), b, "mean")  # [Hq, R, D]
         pooled = torch.einsum("hrd,hbd->hrb", q_pooled, k_pooled[qa]) * scale
         pooled = torch.softmax(pooled.masked_fill(~visible[None], float("-inf")), -1)  # rows sum to 1
         flat = pooled.flatten(1)

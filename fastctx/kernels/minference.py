@@ -128,16 +128,26 @@ def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_
     return v_idx, s_idx
 
 
+def pool_blocks(x: torch.Tensor, block: int, op: str = "mean") -> torch.Tensor:
+    """Sum or mean over consecutive blocks of the token axis: ``[..., T, C]`` -> ``[..., ceil(T/block), C]``.
+
+    The last, partial block is averaged over its real tokens only.
+    """
+    t = x.shape[-2]
+    n = -(-t // block)
+    summed = torch.nn.functional.pad(x, (0, 0, 0, n * block - t)).unflatten(-2, (n, block)).sum(-2)
+    if op == "sum":
+        return summed
+    counts = torch.clamp(t - torch.arange(n) * block, max=block).to(x.dtype)
+    return summed / counts[:, None]
+
+
 def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, block: int = BLOCK) -> torch.Tensor:
     """``[H, R, NKB]`` bool: each query block's top-k key blocks by mean-pooled Q.K (plus its diagonal)."""
-    heads, q_len, dim = q.shape
-    tk = k.shape[1]
-    nqb, nkb = -(-q_len // block), -(-tk // block)
+    heads, q_len, _ = q.shape
+    nqb, nkb = -(-q_len // block), -(-k.shape[1] // block)
     group = heads // k.shape[0]
-    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, nqb * block - q_len)).view(heads, nqb, block, dim)
-    qp = qp.sum(2) / torch.tensor([min(block, q_len - r * block) for r in range(nqb)])[None, :, None]
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nkb * block - tk)).view(k.shape[0], nkb, block, dim)
-    kp = (kp.sum(2) / torch.tensor([min(block, tk - b * block) for b in range(nkb)])[None, :, None])
+    qp, kp = pool_blocks(q.float(), block), pool_blocks(k.float(), block)
     scores = torch.einsum("hrd,hbd->hrb", qp, kp.repeat_interleave(group, 0))
     first = prefix + torch.arange(nqb) * block
     last = torch.clamp(first + block - 1, max=prefix + q_len - 1)
