@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 _SOURCES = [Path(__file__).with_name("csrc") / "sparse_prefill_cpu.cpp"]
@@ -16,13 +17,10 @@ _SOURCES = [Path(__file__).with_name("csrc") / "sparse_prefill_cpu.cpp"]
 
 @functools.lru_cache(maxsize=1)
 def cpu_ops():
+    import torch
     from torch.utils.cpp_extension import load
 
     from fastctx.models import fastctx_home
-
-    import platform
-
-    import torch
 
     # Built with -march=native against this torch's ABI: key the build by both.
     tag = f"torch{torch.__version__}-{platform.machine()}".replace("+", "_")
