@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[vllm,test]"
+	$(PY) -m pip install -q -e ".[vllm,test,ray]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $@
@@ -33,8 +33,11 @@ kernels: install
 test: setup
 	$(PY) -m pytest -q tests
 
+# The main job: SCBench-style evaluation of every method on the embedded model (~13 min).
+DEMO_OUT ?= runs/quick
 demo: setup
-	$(PY) benchmarks/prefill_ttft.py --quick --generate
+	$(VENV)/bin/fastctx-eval run --preset quick --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.md (results.json, score.png, ttft_vs_length.png beside it)"
 
 bench: setup
 	$(PY) benchmarks/attention_kernels.py

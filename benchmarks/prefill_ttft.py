@@ -21,16 +21,8 @@ import os
 import statistics
 import time
 
+from fastctx.eval.server import METHODS
 from fastctx.eval.texts import prompt_token_ids
-
-# Sparse knobs for an 8K-context model: MInference's own budgets (1000, 6096)
-# are sized for 128K contexts and would be dense here. Override with --method.
-METHODS = {
-    "stock": None,
-    "dense": {"attention": "dense"},
-    "minference": {"attention": "minference", "minference": {"v_size": 256, "s_size": 512}},
-    "flexprefill": {"attention": "flexprefill", "flexprefill": {"gamma": 0.9, "min_budget": 512}},
-}
 
 
 def engine_kwargs(section: dict | None) -> dict:

@@ -1,0 +1,107 @@
+"""Client for OpenAI-compatible servers (vLLM, SGLang): streamed completions with timings,
+prompt logprobs, the server's Prometheus gauges and the fastctx density counters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import requests
+
+
+class ServerError(RuntimeError):
+    """The server is unreachable, died or answered with an error."""
+
+
+def _post(url: str, body: dict, timeout: float, stream: bool = False):
+    try:
+        reply = requests.post(url, json=body, timeout=timeout, stream=stream)
+    except requests.RequestException as exc:
+        raise ServerError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+    if reply.status_code != 200:
+        raise ServerError(f"{url}: HTTP {reply.status_code}: {reply.text[:500]}")
+    return reply
+
+
+def kv_cache_usage(base_url: str) -> float | None:
+    """vLLM's ``kv_cache_usage_perc`` gauge (SGLang's ``token_usage``), 0..1; None if absent."""
+    try:
+        text = requests.get(base_url + "/metrics", timeout=5).text
+    except requests.RequestException:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("vllm:kv_cache_usage_perc", "sglang:token_usage")):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def complete(base_url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> dict:
+    """Greedy completion of token ids, streamed: text, TTFT, decode speed, token usage, and the
+    KV cache usage sampled once the prefill is done (while the request still holds its blocks)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    reply = _post(base_url + "/v1/completions", body, timeout, stream=True)
+    text, stamps, usage, kv = [], [], {}, {}
+    sampler = None
+    try:
+        for line in reply.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("choices"):
+                stamps.append(time.perf_counter() - start)
+                text.append(chunk["choices"][0].get("text", ""))
+                if sampler is None:
+                    sampler = threading.Thread(target=lambda: kv.update(usage=kv_cache_usage(base_url)))
+                    sampler.start()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    except requests.RequestException as exc:
+        raise ServerError(f"stream from {base_url} broke: {exc}") from exc
+    if sampler is not None:
+        sampler.join()
+    if not stamps:
+        raise ServerError(f"{base_url} streamed no tokens")
+    completion = usage.get("completion_tokens", len(stamps))
+    decode_s = stamps[-1] - stamps[0]
+    return {
+        "text": "".join(text),
+        "ttft_s": stamps[0],
+        "latency_s": time.perf_counter() - start,
+        "completion_tokens": completion,
+        # Tokens after the first over the time they took; None when only one came.
+        "decode_tok_s": (completion - 1) / decode_s if completion > 1 and decode_s > 0 else None,
+        "prompt_tokens": usage.get("prompt_tokens", len(prompt)),
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        "kv_usage": kv.get("usage"),
+    }
+
+
+def prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, timeout: float,
+                    start: int = 0) -> list[dict[int, float]]:
+    """Top-``top_k`` next-token logprobs the model assigns at each prompt position from
+    ``start`` on (entry j predicts token j), plus the actual token's own logprob."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": top_k}
+    reply = _post(base_url + "/v1/completions", body, timeout).json()
+    rows = reply["choices"][0]["prompt_logprobs"]
+    return [{int(tok): entry["logprob"] for tok, entry in row.items()} for row in rows[max(start, 1):]]
+
+
+def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
+    """Query/key pairs the fastctx prefill methods read since the last call (then reset).
+    Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and the fastctx worker extension;
+    None for a server without fastctx methods."""
+    reply = _post(base_url + "/collective_rpc", {"method": "fastctx_density", "args": ["reset"]}, timeout)
+    workers = reply.json()["results"]
+    stats = [s for worker in workers for s in (worker or [])]
+    if not stats:
+        return None
+    read = sum(s["read_pairs"] for s in stats)
+    causal = sum(s["causal_pairs"] for s in stats)
+    return {"read_pairs": read, "causal_pairs": causal}

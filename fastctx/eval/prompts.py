@@ -1,0 +1,52 @@
+"""Token ids of each request in SCBench's two shared-context modes.
+
+- multi-turn: one conversation; turn t sees the *golden* answers of earlier turns as
+  assistant messages, so every turn extends the previous prompt (KV reused by prefix caching);
+- multi-request: each query is its own request over the same context (the context is
+  the shared prefix).
+
+Prompts are rendered with the model's chat template and tokenized here, and requests
+carry token ids, so the token counts reported are exactly what the engine prefilled.
+"""
+
+from __future__ import annotations
+
+from fastctx.eval.tasks import TASKS, Session
+
+MODES = ("multi-turn", "multi-request")
+
+
+def answer_text(answer) -> str:
+    return ", ".join(answer) if isinstance(answer, list) else str(answer)
+
+
+def messages(session: Session, turn: int, mode: str) -> list[dict]:
+    task = TASKS[session.task]
+    first = {"role": "user", "content": task.template.format(context=session.context,
+                                                               input=session.turns[0 if mode == "multi-turn" else turn]["input"])}
+    if mode == "multi-request":
+        return [first]
+    if mode != "multi-turn":
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    msgs = [first]
+    for t in range(1, turn + 1):
+        msgs.append({"role": "assistant", "content": answer_text(session.turns[t - 1]["answer"])})
+        msgs.append({"role": "user", "content": task.follow_up.format(input=session.turns[t]["input"])})
+    return msgs
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, session: Session, turn: int, mode: str) -> list[int]:
+    text = tokenizer.apply_chat_template(messages(session, turn, mode), add_generation_prompt=True,
+                                         tokenize=False)
+    return _ids(tokenizer, text)
+
+
+def teacher_forced_ids(tokenizer, session: Session, turn: int) -> tuple[list[int], int]:
+    """The query's own request followed by its golden answer, and where the answer starts:
+    the engine's prompt logprobs over the answer span say how each method scores it."""
+    prompt = prompt_ids(tokenizer, session, turn, "multi-request")
+    return prompt + _ids(tokenizer, answer_text(session.turns[turn]["answer"])), len(prompt)

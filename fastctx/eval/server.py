@@ -1,0 +1,151 @@
+"""Methods under test, and a vLLM OpenAI server started for one of them.
+
+A method is a ``fastctx`` config section (None: stock vLLM, no fastctx backend).
+The server runs in its own session (process group); :meth:`VllmServer.stop` ends the
+API server, the EngineCore and its workers, and checks that none of them is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from fastctx.config import FastctxConfig
+from fastctx.eval.client import ServerError
+
+# Sparse knobs for an 8K-context model: MInference's own budgets (1000, 6096) are
+# sized for 128K contexts and would be dense here. ``NAME=JSON`` overrides or adds one.
+METHODS = {
+    "stock": None,
+    "dense": {"attention": "dense"},
+    "minference": {"attention": "minference", "minference": {"v_size": 256, "s_size": 512}},
+    "flexprefill": {"attention": "flexprefill", "flexprefill": {"gamma": 0.9, "min_budget": 512}},
+}
+
+
+def parse_methods(specs: list[str]) -> dict[str, dict | None]:
+    """``["dense", "minference", 'mine={"attention": ...}']`` -> {name: fastctx section}."""
+    methods = {}
+    for spec in specs:
+        name, sep, section = spec.partition("=")
+        name = name.strip()
+        if not sep:
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)} "
+                                 f"or NAME='{{fastctx config JSON}}'")
+            methods[name] = METHODS[name]
+            continue
+        try:
+            parsed = json.loads(section)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"method {name!r}: its config is not JSON ({exc})") from exc
+        if parsed is not None:
+            FastctxConfig.from_section(parsed)  # a bad knob stops here, not after a server start
+        methods[name] = parsed
+    return methods
+
+
+def method_flags(section: dict | None) -> list[str]:
+    if section is None:
+        return []
+    return ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"fastctx": section})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """``python -m vllm.entrypoints.openai.api_server`` for one method, on a free port."""
+
+    def __init__(self, model: str, section: dict | None, log_path: Path, max_model_len: int,
+                 cores: str | None = None, kv_space_gib: int = 2, extra_args: list[str] = ()):
+        self.model, self.section, self.log_path = model, section, Path(log_path)
+        self.max_model_len, self.cores, self.kv_space_gib = max_model_len, cores, kv_space_gib
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
+                "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
+                "--enable-prompt-tokens-details", "--max-logprobs", "20",
+                "--worker-extension-cls", "fastctx.vllm_plugin.worker.FastctxWorkerExtension",
+                *method_flags(self.section), *self.extra_args]
+
+    def environment(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # Ray sets it to 1
+        env.update(VLLM_SERVER_DEV_MODE="1",  # POST /collective_rpc: the density counters
+                   VLLM_CPU_KVCACHE_SPACE=str(self.kv_space_gib),
+                   VLLM_CPU_OMP_THREADS_BIND=self.cores or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+                   or f"0-{os.cpu_count() - 1}")
+        return env
+
+    def start(self, timeout: float = 600) -> str:
+        port = free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.command(port))}\n")
+            log.flush()
+            self.proc = subprocess.Popen(self.command(port), stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.environment(), start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode} while starting; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self.url
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise ServerError(f"server not healthy after {timeout:.0f} s; log {self.log_path}")
+            time.sleep(1)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM the server's process group, then SIGKILL whatever of it is left."""
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        try:
+            family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+            for p in family:  # a worker that left the group still belongs to this server
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            _, family = psutil.wait_procs(family, timeout=grace if sig == signal.SIGTERM else 10)
+            if not family:
+                break
+        self.proc.wait(10)
+        self.proc = None
+        if family:
+            raise ServerError(f"server processes {[p.pid for p in family]} survived SIGKILL")
