@@ -103,3 +103,26 @@ def test_server_refuses_bad_fastctx_config(vllm_available, model_dir):
                           capture_output=True, text=True, timeout=300, env=_server_env())
     assert proc.returncode != 0
     assert "fastctx config: unknown key 'atention'" in proc.stderr + proc.stdout
+
+
+def test_eval_runs_against_a_server_it_did_not_start(server, tmp_path):
+    """`fastctx-eval --url`: the harness only talks HTTP (this server has no dev-mode
+    /collective_rpc, so no density), starts and stops nothing."""
+    url, _ = server
+    out = tmp_path / "url"
+    proc = subprocess.run([sys.executable, "-m", "fastctx.eval.cli", "run", "--out", str(out), "--url", url,
+                           "--methods", "served", "--tasks", "passkey", "--lengths", "300", "--queries", "2",
+                           "--max-new-tokens", "8", "--text-positions", "16"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    stats = results["methods"]["served"]["tasks"]["passkey"]
+    assert stats["n"] == 2 and stats["ttft_p50_s"] > 0 and stats["density"] is None
+    assert not (out / "logs").exists()
+    assert requests_ok(url)
+
+
+def requests_ok(url):
+    import requests
+
+    return requests.get(url + "/health", timeout=5).status_code == 200

@@ -96,8 +96,16 @@ def prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, ti
 def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
     """Query/key pairs the fastctx prefill methods read since the last call (then reset).
     Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and the fastctx worker extension;
-    None for a server without fastctx methods."""
-    reply = _post(base_url + "/collective_rpc", {"method": "fastctx_density", "args": ["reset"]}, timeout)
+    None for a server without fastctx methods or without that endpoint (e.g. SGLang)."""
+    try:
+        reply = requests.post(base_url + "/collective_rpc", timeout=timeout,
+                              json={"method": "fastctx_density", "args": ["reset"]})
+    except requests.RequestException as exc:
+        raise ServerError(f"{base_url}/collective_rpc: {exc}") from exc
+    if reply.status_code in (404, 405):
+        return None
+    if reply.status_code != 200:
+        raise ServerError(f"{base_url}/collective_rpc: HTTP {reply.status_code}: {reply.text[:500]}")
     workers = reply.json()["results"]
     stats = [s for worker in workers for s in (worker or [])]
     if not stats:

@@ -86,6 +86,7 @@ def plan(spec: RunSpec, tokenizer) -> dict[str, list[list[Item]]]:
     sessions = build_sessions(spec, tokenizer)
     context_limit = spec.context_limit
     units: dict[str, list[list[Item]]] = {m: [] for m in spec.methods}
+    fidelity_units: dict[str, list[list[Item]]] = {m: [] for m in spec.methods}
     longest = max(spec.lengths)
     with_fidelity = set()
     for s in sessions:
@@ -108,13 +109,12 @@ def plan(spec: RunSpec, tokenizer) -> dict[str, list[list[Item]]]:
             fidelity.append(Item(f"answer|{s.id}", "answer", {**meta, "turn": 0}, ids, start=start))
         for method in spec.methods:
             units[method].append([_keyed(method, i) for i in turns])
-            units[method] += [[_keyed(method, i)] for i in fidelity]
+            fidelity_units[method] += [[_keyed(method, i)] for i in fidelity]
     text_len = min(longest, context_limit - 1)
     text = Item(f"text|{text_len}|{spec.text_positions}", "text", {"length": text_len},
                 prompt_token_ids(tokenizer, text_len), start=text_len - spec.text_positions)
-    for method in spec.methods:
-        units[method].append([_keyed(method, text)])
-    return units
+    # Sessions first (scores arrive early, and replicas each take one), fidelity items after.
+    return {m: units[m] + fidelity_units[m] + [[_keyed(m, text)]] for m in spec.methods}
 
 
 def _keyed(method: str, item: Item) -> Item:
@@ -164,11 +164,13 @@ class Replica:
                     self._run_item(item)
                     break
                 except ServerError as exc:
-                    dead = self.server is not None and not self.server.alive()
+                    dead = self.server is not None and self.server.exited(within=3)
                     self._event("server_died" if dead else "request_failed", item=item.key,
                                 error=str(exc)[:2000], attempt=attempt)
-                    if self.server is None or not self.ever_started:
-                        raise  # no server of ours, or one that cannot start: retrying will not help
+                    if self.server is None:
+                        break  # not our server: report the item and go on, the rest may work
+                    if not self.ever_started:
+                        raise  # a server that cannot start: retrying will not help
                     self.server.stop()
             else:
                 self._event("item_failed", item=item.key)
@@ -185,7 +187,7 @@ class Replica:
                        "answer": item.answer, "score": score, "density": density, "time": time.time()})
         else:
             rows = prompt_logprobs(self.url, self.spec.model, item.prompt, TOP_K, timeout, start=item.start)
-            self.emit({"kind": item.kind, "key": item.key, **item.meta, "targets": item.prompt[item.start:],
+            self.emit({"kind": item.kind, "key": item.key, **item.meta, "replica": self.index, "targets": item.prompt[item.start:],
                        "logprobs": [{str(t): lp for t, lp in row.items()} for row in rows]}, True)
 
     def close(self) -> None:

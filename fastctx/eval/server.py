@@ -120,6 +120,17 @@ class VllmServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exited(self, within: float) -> bool:
+        """Whether the server process is gone (waiting a little: a refused connection can
+        arrive before the dying process is reaped)."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(within)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
