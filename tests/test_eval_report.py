@@ -123,8 +123,14 @@ def test_a_run_directory_refuses_other_item_defining_settings(tmp_path):
     spec = RunSpec(model="m", methods={"dense": {}}, tasks=["kv"], lengths=[512])
     write_config(tmp_path, spec, partial=True)
     check_run_dir(tmp_path, spec)  # same settings: resume
+    spec.methods["sparse"] = {"attention": "minference"}  # a new method: fine
+    check_run_dir(tmp_path, spec)
     spec.seed = 5
     with pytest.raises(ValueError, match="seed: 0 -> 5"):
+        check_run_dir(tmp_path, spec)
+    spec.seed = 0
+    spec.methods["dense"] = {"attention": "minference"}
+    with pytest.raises(ValueError, match="methods.dense"):
         check_run_dir(tmp_path, spec)
 
 

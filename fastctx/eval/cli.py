@@ -91,6 +91,8 @@ def resolve(args) -> "RunSpec":
         raise ValueError(f"--lengths takes token counts like 2048,4096 ({exc})") from exc
     if not lengths or min(lengths) < 128:
         raise ValueError("--lengths must be at least 128 tokens")
+    if not 1 <= pick["text_positions"] < max(lengths):
+        raise ValueError(f"--text-positions must be between 1 and the longest length ({max(lengths)}) - 1")
     if pick["queries"] < 1 or args.sessions < 1 or args.replicas < 1:
         raise ValueError("--queries, --sessions and --replicas must be at least 1")
     if args.model:
@@ -107,17 +109,25 @@ def resolve(args) -> "RunSpec":
                    request_timeout=args.request_timeout)
 
 
+def _settings(identity: dict, methods: dict) -> dict:
+    # A method's items are keyed by its name: the same name must mean the same config.
+    return {**identity, **{f"methods.{name}": section for name, section in methods.items()}}
+
+
 def check_run_dir(out: Path, spec) -> None:
-    """A directory holds one run: resuming with other item-defining settings would mix them."""
+    """A directory holds one run: resuming with other item-defining settings would mix them.
+    Adding methods, tasks or lengths is fine."""
     cfg_path = out / "config.json"
     if not cfg_path.exists():
         return
-    old = json.loads(cfg_path.read_text()).get("identity", {})
-    new = spec.identity()
-    diff = [k for k in new if old.get(k) != new[k]]
+    stored = json.loads(cfg_path.read_text())
+    old = _settings(stored.get("identity", {}), stored.get("methods", {}))
+    new = _settings(spec.identity(), spec.methods)
+    diff = [k for k in new if k in old or not k.startswith("methods.")]
+    diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff if old.get(k) != new[k]]
     if diff:
-        raise ValueError(f"{out} holds a run with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff)}); "
-                         f"use another --out or the same settings to resume")
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
+                         f"use another --out, or the same settings to resume")
 
 
 def write_config(out: Path, spec, partial: bool) -> None:

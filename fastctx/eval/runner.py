@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -271,7 +271,3 @@ def _run_ray(spec: RunSpec, method: str, store: ResultStore, todo: list[list[Ite
         ray.get([a.close.remote() for a in actors])
         for actor in actors:
             ray.kill(actor)
-
-
-def spec_dict(spec: RunSpec) -> dict:
-    return asdict(spec)
