@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -135,6 +136,16 @@ def write_config(out: Path, spec, partial: bool) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both end the run cleanly (servers stopped, partial report), also
+    when the shell started us with SIGINT ignored, as it does for background jobs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_run(args) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -159,6 +170,7 @@ def cmd_run(args) -> int:
 
     interrupted = False
     failure = None
+    _stop_on_signals()
     with tqdm(total=todo, unit="item", dynamic_ncols=True) as progress:
         try:
             run(spec, store, units, progress)
