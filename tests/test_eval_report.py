@@ -109,6 +109,10 @@ def _args(*argv):
 def test_run_flags_are_validated_and_dense_is_always_the_reference():
     spec = resolve(_args("--preset", "smoke", "--methods", "flexprefill"))
     assert list(spec.methods) == ["dense", "flexprefill"] and spec.tasks == ["kv", "passkey"]
+    spec = resolve(_args("--methods", 'minference,mi={"attention": "minference", "minference": '
+                         '{"v_size": 512, "s_size": 1024}},flexprefill'))
+    assert list(spec.methods) == ["dense", "minference", "mi", "flexprefill"]
+    assert spec.methods["mi"]["minference"] == {"v_size": 512, "s_size": 1024}
     with pytest.raises(ValueError, match="unknown task"):
         resolve(_args("--tasks", "kv,needle"))
     with pytest.raises(ValueError, match="--lengths takes token counts"):

@@ -34,7 +34,16 @@ DEFAULTS = dict(methods="dense,minference,flexprefill", tasks=",".join(TASKS), l
 
 
 def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """Comma-separated items; commas inside a JSON object (a method's config) do not split."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [x.strip() for x in [*items, current] if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
