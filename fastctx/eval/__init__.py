@@ -1,1 +1,3 @@
-"""SCBench-style shared-context evaluation harness and the ``fastctx-eval`` CLI (issue: evaluation)."""
+"""SCBench-style shared-context evaluation (``fastctx-eval``) and fidelity checks against dense.
+
+tasks -> prompts -> runner (server, client, store) -> report (agreement)."""
