@@ -117,7 +117,7 @@ def _fmt(value, digits=3):
 def markdown(results: dict) -> str:
     cfg, methods = results["config"], results["methods"]
     tasks = list(dict.fromkeys(t for m in methods.values() for t in m["tasks"]))
-    lines = [f"# fastctx-eval report", "",
+    lines = ["# fastctx-eval report", "",
              f"Model `{cfg.get('model')}`, mode **{cfg.get('mode')}**, {cfg.get('queries')} queries per context, "
              f"{cfg.get('sessions')} context(s) per task and length, lengths {cfg.get('lengths')} tokens, "
              f"seed {cfg.get('seed')}.", ""]
