@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastctx.eval.texts import token_ids
 from fastctx.kernels import minference as mi
 from fastctx.kernels.sparse import attention_recall
 
@@ -39,7 +40,7 @@ def kv_retrieval_prompt(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
         key = pairs[len(pairs) // 2][0]
         body = ", ".join(f'"{k}": "{v}"' for k, v in pairs)
         text = f'{head}{body}}}\n\nKey: "{key}"\nThe value associated with the specified key is: '
-        candidate = tokenizer(text, add_special_tokens=False)["input_ids"]
+        candidate = token_ids(tokenizer, text)
         if len(candidate) > num_tokens:
             return ids or candidate[:num_tokens]
         ids = candidate

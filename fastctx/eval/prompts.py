@@ -12,6 +12,7 @@ carry token ids, so the token counts reported are exactly what the engine prefil
 from __future__ import annotations
 
 from fastctx.eval.tasks import TASKS, Session
+from fastctx.eval.texts import token_ids
 
 MODES = ("multi-turn", "multi-request")
 
@@ -35,18 +36,14 @@ def messages(session: Session, turn: int, mode: str) -> list[dict]:
     return msgs
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def prompt_ids(tokenizer, session: Session, turn: int, mode: str) -> list[int]:
     text = tokenizer.apply_chat_template(messages(session, turn, mode), add_generation_prompt=True,
                                          tokenize=False)
-    return _ids(tokenizer, text)
+    return token_ids(tokenizer, text)
 
 
 def teacher_forced_ids(tokenizer, session: Session, turn: int) -> tuple[list[int], int]:
     """The query's own request followed by its golden answer, and where the answer starts:
     the engine's prompt logprobs over the answer span say how each method scores it."""
     prompt = prompt_ids(tokenizer, session, turn, "multi-request")
-    return prompt + _ids(tokenizer, answer_text(session.turns[turn]["answer"])), len(prompt)
+    return prompt + token_ids(tokenizer, answer_text(session.turns[turn]["answer"])), len(prompt)

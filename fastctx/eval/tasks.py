@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fastctx.eval.texts import natural_text, token_ids
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 
 
@@ -163,8 +165,6 @@ SYLLABLES = ("ka", "lo", "mi", "ra", "ne", "tu", "so", "vi", "da", "pe", "zo", "
 
 
 def gen_multidoc_qa(rng, units, n_queries, doc_chars=900):
-    from fastctx.eval.texts import natural_text
-
     source = natural_text()
     names = set()
     while len(names) < units:
@@ -206,7 +206,7 @@ SCBENCH_FILES = {"scbench_kv": "kv", "scbench_prefix_suffix": "prefix_suffix",
 
 
 def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(token_ids(tokenizer, text))
 
 
 def generate_session(task: str, tokenizer, length: int, n_queries: int, seed: int, index: int = 0) -> Session:
@@ -236,7 +236,7 @@ def generate_session(task: str, tokenizer, length: int, n_queries: int, seed: in
 
 
 def _truncate_middle(tokenizer, text: str, length: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = token_ids(tokenizer, text)
     if len(ids) <= length:
         return text
     half = length // 2
