@@ -98,10 +98,10 @@ def aggregate(out_dir: Path) -> dict:
 def _add_speedups(methods: dict) -> None:
     ref = methods.get(REFERENCE)
     for stats in methods.values():
-        for scope, ref_stats in ([("overall", ref and ref["overall"])] +
-                                 [(t, ref and ref["tasks"].get(t)) for t in stats["tasks"]]):
-            mine = stats["overall"] if scope == "overall" else stats["tasks"][scope]
-            a = ref_stats and ref_stats["ttft_first_turn_p50_s"]
+        pairs = [(stats["overall"], ref and ref["overall"])]
+        pairs += [(mine, ref and ref["tasks"].get(task)) for task, mine in stats["tasks"].items()]
+        for mine, theirs in pairs:
+            a = theirs and theirs["ttft_first_turn_p50_s"]
             b = mine["ttft_first_turn_p50_s"]
             mine["speedup_vs_dense"] = a / b if a and b else None
 
