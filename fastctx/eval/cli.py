@@ -105,6 +105,11 @@ def resolve(args) -> "RunSpec":
         raise ValueError(f"--text-positions must be between 1 and the longest length ({max(lengths)}) - 1")
     if pick["queries"] < 1 or args.sessions < 1 or args.replicas < 1:
         raise ValueError("--queries, --sessions and --replicas must be at least 1")
+    if args.replicas > 1:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("--replicas > 1 needs Ray: pip install 'fastctx[ray]'") from None
     if args.model:
         model = args.model
     else:
@@ -171,8 +176,9 @@ def cmd_run(args) -> int:
     units = plan(spec, tokenizer)
     store = ResultStore(out)
     write_config(out, spec, partial=True)
-    total = sum(len(u) for us in units.values() for u in us)
-    todo = sum(1 for us in units.values() for u in us for i in u if i.key not in store.done)
+    keys = [item.key for method_units in units.values() for unit in method_units for item in unit]
+    total = len(keys)
+    todo = sum(key not in store.done for key in keys)
     print(f"fastctx-eval: {total} items, {total - todo} already done, {todo} to run; results in {out}",
           flush=True)
     from tqdm import tqdm
@@ -187,7 +193,7 @@ def cmd_run(args) -> int:
             interrupted = True
         except ServerError as exc:
             failure = exc
-    done = sum(1 for us in units.values() for u in us for i in u if i.key in store.done)
+    done = sum(key in store.done for key in keys)
     write_config(out, spec, partial=done < total)
     report = write_report(out)
     if failure is not None:

@@ -245,10 +245,8 @@ def _writer(store: ResultStore, progress):
 
 
 def _run_ray(spec: RunSpec, method: str, store: ResultStore, todo: list[list[Item]], progress) -> None:
-    try:
-        import ray
-    except ImportError as exc:
-        raise RuntimeError("--replicas > 1 needs Ray: pip install 'fastctx[eval]' (or ray)") from exc
+    import ray  # present: the CLI checked it
+
     if not ray.is_initialized():
         ray.init(num_cpus=spec.replicas, include_dashboard=False, log_to_driver=False)
     actor_cls = ray.remote(num_cpus=1)(Replica)
