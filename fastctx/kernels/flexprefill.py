@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastctx.kernels.minference import _scores_last_queries, diagonal_sums, pool_blocks
+from fastctx.kernels.minference import last_query_sums, pool_blocks
 from fastctx.kernels.sparse import SparseIndex, block_mask_index
 
 
@@ -67,10 +67,10 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
     scale = dim ** -0.5 if scale is None else scale
     nqb, nkb = -(-q_len // b), -(-tk // b)
     group = heads // k.shape[0]
-    probs, pos = _scores_last_queries(q, k, prefix, b, scale)  # [H, n, Tk]
-    n = probs.shape[1]
-    vertical = probs.mean(1)  # [H, Tk], sums to 1 per head
-    slash = diagonal_sums(probs, pos) / n  # [H, Tk] over offsets
+    n = min(b, q_len)  # the last query block
+    vertical, slash = last_query_sums(q, k, prefix, n, scale)
+    vertical /= n  # [H, Tk], sums to 1 per head
+    slash /= n  # [H, Tk] over offsets
     min_blocks = max(1, math.ceil(params.min_budget / b))
     max_blocks = nkb if params.max_budget is None else max(min_blocks, math.ceil(params.max_budget / b))
     n_v = (_count_to_mass(vertical, params.gamma) // b + 1).clamp(min_blocks, max_blocks)

@@ -104,6 +104,27 @@ def diagonal_sums(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return skewed.sum(1).flip(-1)
 
 
+def reference_last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
+    """``(vertical [H, Tk], slash [H, Tk])``: the attention mass of the chunk's last ``last_q``
+    queries on each key column and on each diagonal offset, summed over those queries."""
+    probs, pos = _scores_last_queries(q, k, prefix, last_q, scale)
+    return probs.sum(1), diagonal_sums(probs, pos)
+
+
+def last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
+    """``reference_last_query_sums``; on CPU fused in C++, without the ``[H, last_q, Tk]`` probabilities."""
+    if k.shape[1] != prefix + q.shape[1]:
+        raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
+                         f"prefix {prefix} + {q.shape[1]} queries")
+    if q.device.type != "cpu":
+        return reference_last_query_sums(q, k, prefix, last_q, scale)
+    from fastctx.kernels._cpu_ext import cpu_ops
+
+    n = min(last_q, q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return cpu_ops().last_query_sums(q[:, -n:].float().contiguous(), k.float().contiguous(), scale)
+
+
 def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key columns ``[H, NV]`` and diagonal offsets ``[H, NS]`` for vertical-slash heads.
@@ -112,10 +133,8 @@ def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_
     """
     heads = q.shape[0]
     tk = k.shape[1]
-    probs, pos = _scores_last_queries(q, k, prefix, last_q, scale)
-    vertical = probs.sum(1)
+    vertical, slash = last_query_sums(q, k, prefix, last_q, scale)
     vertical[:, :SINK_COLUMNS] = float("inf")
-    slash = diagonal_sums(probs, pos)
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     v_size = torch.as_tensor(v_size).expand(heads).clamp(min=MIN_VERTICAL).clamp(max=tk)
     s_size = torch.as_tensor(s_size).expand(heads).clamp(min=MIN_SLASH).clamp(max=tk)

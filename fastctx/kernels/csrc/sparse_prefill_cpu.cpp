@@ -24,6 +24,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace {
 
 constexpr int kChunk = 256;  // keys per score tile
+constexpr int kEstRows = 16;  // query rows per estimation tile
 
 // Row-major C[m, n] = alpha * A[m, k] @ B[n, k]^T (+ beta * C), via column-major sgemm.
 inline void gemm_abt(int m, int n, int k, float alpha, const float* a, int lda, const float* b,
@@ -255,6 +256,64 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   return out;
 }
 
+// Attention of a chunk's last n queries (they end at the last key) over every
+// key, reduced on the fly to what the index estimators read: the mass on each
+// key column, and on each diagonal offset (query position - key position).
+// The [H, n, Tk] probabilities are never stored: each tile of kEstRows rows
+// is scored with sgemm, softmaxed row by row, and folded into both sums.
+// q [H, n, D], k [Hkv, Tk, D]; returns {vertical [H, Tk], slash [H, Tk]}.
+std::vector<torch::Tensor> last_query_sums(torch::Tensor q, torch::Tensor k, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32, "last_query_sums: float32 only");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous(), "contiguous q/k");
+  const int heads = q.size(0), n = q.size(1), dim = q.size(2);
+  const int kv_heads = k.size(0), tk = k.size(1);
+  TORCH_CHECK(n >= 1 && n <= tk && heads % kv_heads == 0, "last_query_sums: bad shapes");
+  const int group = heads / kv_heads;
+  const int last = tk - 1;  // position of the last query
+  auto vertical = torch::zeros({heads, tk}, q.options());
+  auto slash = torch::zeros({heads, tk}, q.options());
+  const float* qd = q.data_ptr<float>();
+  const float* kd = k.data_ptr<float>();
+  float* vd = vertical.data_ptr<float>();
+  float* sd = slash.data_ptr<float>();
+  const float sc = (float)scale;
+
+#pragma omp parallel
+  {
+    std::vector<float> scores((size_t)kEstRows * tk), by_shift(tk);
+#pragma omp for schedule(dynamic, 1)
+    for (int h = 0; h < heads; ++h) {
+      const float* kh = kd + (size_t)(h / group) * tk * dim;
+      float* vert = vd + (size_t)h * tk;
+      // by_shift[u] collects offset last - u: row p adds its key j at u = j + (last - p),
+      // so every row's update is one contiguous, vectorizable run.
+      std::fill(by_shift.begin(), by_shift.end(), 0.0f);
+      for (int r0 = 0; r0 < n; r0 += kEstRows) {
+        const int rows = std::min(kEstRows, n - r0);
+        const int width = tk - n + r0 + rows;  // keys visible to the tile's last row
+        gemm_abt(rows, width, dim, sc, qd + ((size_t)h * n + r0) * dim, dim, kh, dim, 0.0f,
+                 scores.data(), width);
+        for (int i = 0; i < rows; ++i) {
+          const int p = tk - n + r0 + i;  // this query's position
+          const int len = p + 1;
+          float* si = scores.data() + (size_t)i * width;
+          const float inv = 1.0f / exp_shift_sum(si, len, row_max(si, len));
+          float* shifted = by_shift.data() + (last - p);
+          for (int j = 0; j < len; ++j) {
+            const float pr = si[j] * inv;
+            vert[j] += pr;
+            shifted[j] += pr;
+          }
+        }
+      }
+      float* sl = sd + (size_t)h * tk;
+      for (int o = 0; o < tk; ++o) sl[o] = by_shift[last - o];
+    }
+  }
+  return {vertical, slash};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_prefill", &sparse_prefill, "sparse causal prefill attention (CPU, fp32)");
+  m.def("last_query_sums", &last_query_sums, "column and diagonal attention mass of the last queries (CPU, fp32)");
 }
