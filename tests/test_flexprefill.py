@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastctx.kernels import flexprefill as fp
-from fastctx.kernels.sparse import reference_sparse_prefill_attention, sparse_prefill_attention
+from fastctx.kernels.sparse import attention_recall, reference_sparse_prefill_attention, sparse_prefill_attention
 
 
 def _qkv(q_len, prefix=0, heads=9, kv_heads=3, dim=64, seed=0):
@@ -54,7 +54,8 @@ def test_gamma_one_with_large_budget_is_dense():
 @pytest.mark.parametrize("prefix", [0, 130])
 def test_index_runs_on_the_kernel_and_is_sparse(prefix):
     q, k, v = _qkv(900, prefix)
-    index = fp.sparse_index(q, k, fp.FlexPrefillParams(min_budget=64, block_size=64), prefix=prefix)
+    # Random keys spread attention evenly; a low gamma keeps the index sparse anyway.
+    index = fp.sparse_index(q, k, fp.FlexPrefillParams(gamma=0.5, min_budget=64, block_size=64), prefix=prefix)
     assert 0 < index.density() < 1
     args = (q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix])
     torch.testing.assert_close(sparse_prefill_attention(*args, index=index),
@@ -67,3 +68,26 @@ def test_index_runs_on_the_kernel_and_is_sparse(prefix):
 def test_bad_params_say_what_to_change(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         fp.FlexPrefillParams(**kwargs)
+
+
+def test_block_mass_covers_gamma_where_token_count_falls_short():
+    # Late queries attend to one key in each of 12 key blocks: 12 tokens hold the mass, so the
+    # reference code's shortcut reads 12 // 64 + 1 = 1 block of them; block_mass reads all 12.
+    q, k, _ = _qkv(1024, seed=3)
+    q, k = q * 0.1, k * 0.1
+    u = torch.randn(64)
+    q[:, -64:] += 3 * u
+    planted = [64 * j + 17 for j in range(2, 14)]
+    k[:, planted] = 3 * u
+    rows = torch.arange(1024 - 64, 1024)
+    recall = {}
+    for selection in fp.BLOCK_SELECTIONS:
+        params = fp.FlexPrefillParams(gamma=0.9, min_budget=64, block_size=64, tau=0.0, block_selection=selection)
+        index = fp.sparse_index(q, k, params)
+        recall[selection] = float(attention_recall(q, k, index=index, rows=rows).mean())
+    assert recall["block_mass"] >= 0.9 > recall["token_count"]
+
+
+def test_block_selection_is_validated():
+    with pytest.raises(ValueError, match="block_selection"):
+        fp.FlexPrefillParams(block_selection="tokens")

@@ -25,6 +25,9 @@ from fastctx.kernels.minference import last_query_sums, pool_blocks
 from fastctx.kernels.sparse import SparseIndex, block_mask_index
 
 
+BLOCK_SELECTIONS = ("block_mass", "token_count")
+
+
 @dataclass(frozen=True)
 class FlexPrefillParams:
     gamma: float = 0.9
@@ -32,8 +35,16 @@ class FlexPrefillParams:
     min_budget: int = 1024  # tokens
     max_budget: int | None = None  # tokens; None = no cap
     block_size: int = 128
+    # How many vertical/slash blocks a vertical-slash head reads: "block_mass" = the fewest
+    # blocks whose pooled attention reaches gamma (the paper's criterion, at the granularity
+    # the kernel reads); "token_count" = as many top blocks as the tokens that reach gamma
+    # would fill (the reference implementation's shortcut; it under-covers scattered mass).
+    block_selection: str = "block_mass"
 
     def __post_init__(self):
+        if self.block_selection not in BLOCK_SELECTIONS:
+            raise ValueError(f"flexprefill block_selection={self.block_selection!r} must be one of "
+                             f"{', '.join(BLOCK_SELECTIONS)}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"flexprefill gamma={self.gamma} must be in (0, 1]; the paper uses 0.9 or 0.95")
         if self.tau < 0:
@@ -73,11 +84,14 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
     slash /= n  # [H, Tk] over offsets
     min_blocks = max(1, math.ceil(params.min_budget / b))
     max_blocks = nkb if params.max_budget is None else max(min_blocks, math.ceil(params.max_budget / b))
-    n_v = (_count_to_mass(vertical, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
-    n_s = (_count_to_mass(slash, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
-
     vertical_b = pool_blocks(vertical[..., None], b, "sum")[..., 0]  # [H, NKB]
     slash_b = pool_blocks(slash[..., None], b, "sum")[..., 0]  # [H, NKB] by offset block
+    if params.block_selection == "block_mass":
+        n_v = _count_to_mass(vertical_b, params.gamma).clamp(min_blocks, max_blocks)
+        n_s = _count_to_mass(slash_b, params.gamma).clamp(min_blocks, max_blocks)
+    else:  # the reference code's shortcut: as many top blocks as the top tokens would fill
+        n_v = (_count_to_mass(vertical, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
+        n_s = (_count_to_mass(slash, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
     k_pooled = pool_blocks(k.float(), b, "mean").repeat_interleave(group, 0)  # [H, NKB, D]
     q_last = q[:, -n:].float().mean(1)  # [H, D]
     estimate = torch.softmax(torch.einsum("hd,hbd->hb", q_last, k_pooled) * scale, -1)
