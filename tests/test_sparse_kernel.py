@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.helpers import random_qkv
+from tests.helpers import random_qkv, vertical_slash_index_loop
 
 from fastctx.kernels import prefill_attention
 from fastctx.kernels.sparse import (
@@ -85,6 +85,27 @@ def test_chunked_equals_whole_prefill_rows():
     tail = sparse_prefill_attention(q[:, 160:], k[:, 160:], v[:, 160:], k[:, :160], v[:, :160],
                                     index=streaming_index(9, 96, 4, 32, prefix=160, block_q=32))
     torch.testing.assert_close(tail, whole[:, 160:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,q_len,prefix,block_q", [(9, 150, 0, 64), (4, 97, 130, 16), (3, 1000, 333, 32),
+                                                      (2, 5, 0, 64), (5, 300, 700, 128)])
+def test_vertical_slash_index_equals_the_per_head_loop_and_covers_its_lines(heads, q_len, prefix, block_q):
+    g = torch.Generator().manual_seed(q_len)
+    total = prefix + q_len
+    vertical = torch.randint(-1, total + 20, (heads, 40), generator=g)  # repeats, -1 and out of range
+    slash = torch.cat([torch.arange(min(5, total)).expand(heads, -1),
+                       torch.randint(0, total + 20, (heads, 60), generator=g)], 1)
+    got = vertical_slash_index(vertical, slash, q_len, prefix, block_q)
+    want = vertical_slash_index_loop(vertical, slash, q_len, prefix, block_q)
+    mask = got.mask()
+    assert torch.equal(mask, want.mask())
+    assert got.pair_counts() == want.pair_counts() == (int(mask.sum()), got.pair_counts()[1])
+    # Every selected column and diagonal is read (merging may add keys between touching diagonals).
+    pos = prefix + torch.arange(q_len)
+    keys = torch.arange(total)
+    for h in range(heads):
+        on_line = torch.isin(keys, vertical[h])[None] | torch.isin(pos[:, None] - keys[None], slash[h])
+        assert not (on_line & (keys[None] <= pos[:, None]) & ~mask[h]).any()
 
 
 def test_index_shape_mismatch_is_an_error():

@@ -85,14 +85,6 @@ class SparseIndex:
         return int((from_ranges + from_cols).sum()), causal
 
 
-def _stack_ranges(per_head: list[torch.Tensor]) -> torch.Tensor:
-    width = max(1, max(r.shape[1] for r in per_head))
-    out = torch.full((len(per_head), per_head[0].shape[0], width, 2), _EMPTY, dtype=torch.int32)
-    for h, r in enumerate(per_head):
-        out[h, :, : r.shape[1]] = r
-    return out
-
-
 def _no_cols(heads: int, blocks: int) -> torch.Tensor:
     return torch.full((heads, blocks, 1), -1, dtype=torch.int32)
 
@@ -119,15 +111,23 @@ def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int =
     return SparseIndex(ranges, _no_cols(heads, probe.num_blocks), q_len, prefix, block_q)
 
 
-def _slash_groups(offsets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge diagonals (descending offsets) whose key intervals touch in a block of ``rows`` rows."""
-    gap = (offsets[:-1] - offsets[1:]) > rows
-    starts = torch.cat([torch.tensor([True]), gap])
-    group = torch.cumsum(starts.long(), 0) - 1
-    ngroups = int(group[-1]) + 1
-    smax = torch.full((ngroups,), -1, dtype=torch.long).scatter_reduce(0, group, offsets, "amax")
-    smin = torch.full((ngroups,), 1 << 40, dtype=torch.long).scatter_reduce(0, group, offsets, "amin")
-    return smax, smin
+def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[H, R, G, 2]`` ranges of blocks of ``rows`` rows (``first``/``last`` ``[R]``) from diagonal
+    ``offsets`` ``[H, NS]`` sorted descending: diagonals whose key intervals touch merge into one."""
+    heads = offsets.shape[0]
+    gap = (offsets[:, :-1] - offsets[:, 1:]) > rows
+    group = torch.cat([torch.zeros(heads, 1, dtype=torch.long), gap.long().cumsum(1)], 1)
+    groups = int(group[:, -1].max()) + 1
+    smax = torch.full((heads, groups), -1, dtype=torch.long).scatter_reduce(1, group, offsets, "amax")
+    smin = torch.full((heads, groups), 1 << 40, dtype=torch.long).scatter_reduce(1, group, offsets, "amin")
+    start = (first[None, :, None] - smax[:, None]).clamp(min=0)  # [H, R, G]
+    end = last[None, :, None] - smin[:, None] + 1
+    # Groups beyond a block's causal reach (the largest offsets, so a prefix) read nothing;
+    # unused group slots go last so that each block's starts stay ascending.
+    empty = end <= start
+    start, end = torch.where(empty, 0, start), torch.where(empty, 0, end)
+    unused = (smax < 0)[:, None].expand_as(start)
+    return torch.stack([start.masked_fill(unused, _EMPTY), end.masked_fill(unused, _EMPTY)], -1)
 
 
 def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int, prefix: int = 0,
@@ -143,38 +143,22 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     heads = vertical.shape[0]
     if slash.shape[0] != heads:
         raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
-    probe = dense_index(1, q_len, prefix, block_q)
-    first, last = probe.block_rows()
+    first, last = dense_index(1, q_len, prefix, block_q).block_rows()
     sizes = last - first + 1
-    per_head, cols = [], []
-    for h in range(heads):
-        offsets = torch.unique(slash[h].long().clamp(min=0), sorted=True).flip(0)
-        ranges = []
-        for rows in torch.unique(sizes).tolist():  # full blocks, then a shorter last block
-            smax, smin = _slash_groups(offsets, rows)
-            sel = sizes == rows
-            start = (first[sel, None] - smax[None]).clamp(min=0)
-            end = last[sel, None] - smin[None] + 1
-            empty = end <= start
-            ranges.append((sel, torch.stack([torch.where(empty, 0, start), torch.where(empty, 0, end)], -1)))
-        width = max(r.shape[1] for _, r in ranges)
-        # Empty slots sort last, so each block's starts stay ascending for searchsorted.
-        block_ranges = torch.full((len(first), width, 2), _EMPTY, dtype=torch.long)
-        for sel, r in ranges:
-            block_ranges[sel, : r.shape[1]] = r
-        per_head.append(block_ranges.int())
-        verts = torch.unique(vertical[h].long(), sorted=True)
-        verts = verts[(verts >= 0) & (verts <= last[-1])]
-        starts, ends = block_ranges[..., 0].contiguous(), block_ranges[..., 1]
-        at = torch.searchsorted(starts, verts[None].expand(len(first), -1).contiguous(), right=True) - 1
-        covered = (at >= 0) & (verts[None] < ends.gather(1, at.clamp(min=0)))
-        visible = verts[None] <= last[:, None]
-        cols.append(torch.where(covered | ~visible, -1, verts[None]).int())
-    width = max(1, max(c.shape[1] for c in cols))
-    col_t = torch.full((heads, len(first), width), -1, dtype=torch.int32)
-    for h, c in enumerate(cols):
-        col_t[h, :, : c.shape[1]] = c
-    return SparseIndex(_stack_ranges(per_head), col_t, q_len, prefix, block_q)
+    offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
+    parts = [(sizes == rows, _slash_ranges(offsets, first[sizes == rows], last[sizes == rows], rows))
+             for rows in torch.unique(sizes).tolist()]  # full blocks, then a shorter last block
+    ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long)
+    for sel, r in parts:
+        ranges[:, sel, : r.shape[2]] = r
+    verts = vertical.long().sort(1).values  # [H, NV]
+    repeat = torch.cat([torch.zeros(heads, 1, dtype=torch.bool), verts[:, 1:] == verts[:, :-1]], 1)
+    at = torch.searchsorted(ranges[..., 0].contiguous(),
+                            verts[:, None].expand(-1, len(first), -1).contiguous(), right=True) - 1
+    covered = (at >= 0) & (verts[:, None] < ranges[..., 1].gather(2, at.clamp(min=0)))
+    drop = covered | (verts[:, None] > last[None, :, None]) | (repeat | (verts < 0))[:, None]
+    cols = torch.where(drop, -1, verts[:, None])
+    return SparseIndex(ranges.int(), cols.int(), q_len, prefix, block_q)
 
 
 def reference_sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
