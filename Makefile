@@ -42,6 +42,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/attention_kernels.py
 	$(PY) benchmarks/sparse_attention.py
+	$(PY) benchmarks/index_estimation.py
 	$(PY) benchmarks/prefill_ttft.py
 
 clean:

@@ -25,6 +25,8 @@ def test_every_method_is_accepted(method):
     ({"minference": {"last_q": 0}}, "minference: minference last_q=0 must be >= 1"),
     ({"minference": {"pattern_config": "/nonexistent.json"}}, "is not a file; create one with `fastctx minference search`"),
     ({"flexprefill": {"gamma": 1.5}}, "flexprefill gamma=1.5 must be in"),
+    ({"flexprefill": {"block_selection": "tokens"}},
+     "flexprefill block_selection='tokens' must be one of block_mass, token_count"),
     ({"flexprefill": []}, "flexprefill must be a JSON object of knobs"),
 ])
 def test_bad_config_names_the_problem(section, needle):
