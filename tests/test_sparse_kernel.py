@@ -46,6 +46,18 @@ def test_fast_path_matches_reference(kind, heads, kv_heads, q_len, prefix, block
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gather_below", [0, 40, 10**6])
+def test_short_ranges_gathered_or_scored_in_place_give_the_same_output(monkeypatch, gather_below):
+    import fastctx.kernels.sparse as sparse
+
+    monkeypatch.setattr(sparse, "GATHER_BELOW", gather_below)
+    q, k, v, kp, vp = random_qkv(9, 3, 300, 200, 64)
+    index = _vs(9, 300, 200, 32)
+    torch.testing.assert_close(sparse_prefill_attention(q, k, v, kp, vp, index=index),
+                               reference_sparse_prefill_attention(q, k, v, kp, vp, index=index),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_dtypes_and_head_dims(dtype, dim):

@@ -21,6 +21,9 @@ import torch
 from fastctx.kernels.dense import _check, _join_prefix, reference_prefill_attention
 
 DEFAULT_BLOCK_Q = 64
+# The CPU kernel copies ranges shorter than this many keys into its column tiles
+# instead of scoring each with its own small matrix product.
+GATHER_BELOW = 128
 _EMPTY = 2**31 - 1  # start = end = this: an unused range slot
 
 
@@ -230,7 +233,7 @@ def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
     k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = cpu_ops().sparse_prefill(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
-                                   index.ranges, index.cols, prefix, index.block_q, scale)
+                                   index.ranges, index.cols, prefix, index.block_q, scale, GATHER_BELOW)
     return out.to(q.dtype)
 
 

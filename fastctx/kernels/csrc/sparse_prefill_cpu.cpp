@@ -136,8 +136,9 @@ inline float exp_shift_sum(float* s, int n, float shift) {
 #endif
 
 // Fold one tile of n keys into the block. key_pos[j] is the position of key
-// j; when `contiguous`, key_pos[j] = key_pos[0] + j and the causal cut is one
-// index per row. Keys/values are rows of length dim at kp/vp.
+// j; when `contiguous`, only key_pos[0] is read (key j is at key_pos[0] + j)
+// and the causal cut is one index per row. Keys/values are rows of length dim
+// at kp/vp.
 void fold_tile(BlockState& st, const float* qp, int first_pos, int n, const int* key_pos,
                bool contiguous, const float* kp, const float* vp, float scale) {
   const int rows = st.rows, dim = st.dim;
@@ -178,7 +179,7 @@ void fold_tile(BlockState& st, const float* qp, int first_pos, int n, const int*
 // cols: [H, R, NC] int32, -1 meaning "empty". Returns out [H, Tq, D].
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor ranges, torch::Tensor cols, int64_t prefix,
-                             int64_t block_q, double scale) {
+                             int64_t block_q, double scale, int64_t gather_below) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 &&
               v.dtype() == torch::kFloat32, "sparse_prefill: float32 only");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "contiguous q/k/v");
@@ -220,31 +221,38 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
       const float* kh = kd + (size_t)kvh * tk * dim;
       const float* vh = vd + (size_t)kvh * tk * dim;
       st.reset(rows);
+      // Single columns and short ranges are copied into one buffer and folded as
+      // full tiles: one small sgemm per short range costs more than the copy.
+      int n = 0;
+      auto gather = [&](int c) {
+        std::copy(kh + (size_t)c * dim, kh + (size_t)(c + 1) * dim, st.kbuf.data() + (size_t)n * dim);
+        std::copy(vh + (size_t)c * dim, vh + (size_t)(c + 1) * dim, st.vbuf.data() + (size_t)n * dim);
+        pos[n++] = c;
+        if (n == kChunk) {
+          fold_tile(st, qp, first_pos, n, pos.data(), false, st.kbuf.data(), st.vbuf.data(), sc);
+          n = 0;
+        }
+      };
       const int* rr = rd + ((size_t)h * nblocks + r) * nr * 2;
       for (int x = 0; x < nr; ++x) {
         const int start = std::max(rr[2 * x], 0);
         const int end = std::min(rr[2 * x + 1], first_pos + rows);
+        if (end - start < gather_below) {
+          for (int c = start; c < end; ++c) gather(c);
+          continue;
+        }
         for (int s = start; s < end; s += kChunk) {
-          const int n = std::min(kChunk, end - s);
-          for (int j = 0; j < n; ++j) pos[j] = s + j;
-          fold_tile(st, qp, first_pos, n, pos.data(), true, kh + (size_t)s * dim, vh + (size_t)s * dim, sc);
+          int first_key = s;
+          fold_tile(st, qp, first_pos, std::min(kChunk, end - s), &first_key, true,
+                    kh + (size_t)s * dim, vh + (size_t)s * dim, sc);
         }
       }
       const int* cc = cd + ((size_t)h * nblocks + r) * nc;
-      int n = 0;
-      for (int x = 0; x <= nc; ++x) {
-        const bool flush = (x == nc) || n == kChunk;
-        if (flush && n > 0) {
-          fold_tile(st, qp, first_pos, n, pos.data(), false, st.kbuf.data(), st.vbuf.data(), sc);
-          n = 0;
-        }
-        if (x == nc) break;
+      for (int x = 0; x < nc; ++x) {
         const int c = cc[x];
-        if (c < 0 || c >= first_pos + rows) continue;
-        std::copy(kh + (size_t)c * dim, kh + (size_t)(c + 1) * dim, st.kbuf.data() + (size_t)n * dim);
-        std::copy(vh + (size_t)c * dim, vh + (size_t)(c + 1) * dim, st.vbuf.data() + (size_t)n * dim);
-        pos[n++] = c;
+        if (c >= 0 && c < first_pos + rows) gather(c);
       }
+      if (n > 0) fold_tile(st, qp, first_pos, n, pos.data(), false, st.kbuf.data(), st.vbuf.data(), sc);
       float* op = od + ((size_t)h * tq + row0) * dim;
       for (int i = 0; i < rows; ++i) {
         const float inv = st.l[i] > 0.0f ? 1.0f / st.l[i] : 0.0f;
