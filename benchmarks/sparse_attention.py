@@ -6,6 +6,8 @@ MInference builds it: 30 sink columns and the 100 nearest diagonals always,
 plus random columns and clusters of 8 adjacent diagonals, scaled until the
 index reaches the target density (share of causal query-key pairs read). The
 error is against the masked-softmax reference on 128 sampled query rows.
+``no_gather`` times the same kernel with short ranges scored one by one
+(``sparse.GATHER_BELOW = 0``), the layout before range gathering.
 The last line printed is one JSON object.
 
     python benchmarks/sparse_attention.py --quick     # 16K tokens, ~5% density (< 60 s)
@@ -21,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fastctx.kernels import sparse
 from fastctx.kernels.sparse import dense_index, reference_sparse_rows, sparse_prefill_attention, vertical_slash_index
 
 from attention_kernels import best_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -62,15 +65,22 @@ def run(n: int, targets: list[float], reps: int) -> list[dict]:
         index = synthetic_vertical_slash(n, target)
         density = index.density()
         sparse_ms = best_ms(lambda: sparse_prefill_attention(q, k, v, index=index), reps)
+        gather_below, sparse.GATHER_BELOW = sparse.GATHER_BELOW, 0  # baseline: one sgemm per range
+        try:
+            no_gather_ms = best_ms(lambda: sparse_prefill_attention(q, k, v, index=index), reps)
+        finally:
+            sparse.GATHER_BELOW = gather_below
         got = sparse_prefill_attention(q, k, v, index=index)[:, rows]
         err = (got - reference_sparse_rows(q, k, v, index=index, rows=rows)).abs().max().item()
         speedup = sdpa_ms / sparse_ms
         out.append({"seq_len": n, "target_density": target, "density": round(density, 4),
                     "sdpa_ms": round(sdpa_ms, 1), "sparse_ms": round(sparse_ms, 1),
                     "speedup_vs_sdpa": round(speedup, 2),
-                    "speedup_x_density": round(speedup * density, 3), "max_abs_err": err})
+                    "speedup_x_density": round(speedup * density, 3), "max_abs_err": err,
+                    "sparse_no_gather_ms": round(no_gather_ms, 1),
+                    "gather_speedup": round(no_gather_ms / sparse_ms, 3)})
         print(f"{n:>6} {target:>6.2f} {density:>8.4f} {sdpa_ms:>9.1f} {sparse_ms:>10.1f} "
-              f"{speedup:>8.2f} {speedup * density:>9.3f} {err:>9.1e}", flush=True)
+              f"{speedup:>8.2f} {speedup * density:>9.3f} {err:>9.1e} {no_gather_ms:>10.1f}", flush=True)
     return out
 
 
@@ -87,7 +97,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads} heads={HEADS}/{KV_HEADS} head_dim={DIM} fp32")
     print(f"{'N':>6} {'target':>6} {'density':>8} {'sdpa_ms':>9} {'sparse_ms':>10} "
-          f"{'speedup':>8} {'x_density':>9} {'max_err':>9}")
+          f"{'speedup':>8} {'x_density':>9} {'max_err':>9} {'no_gather':>10}")
     rows = [row for n in args.tokens for row in run(n, args.densities, args.reps)]
     result = {**rows[-1], "threads": args.threads, "rows": rows} if len(rows) > 1 else {**rows[0], "threads": args.threads}
     print(json.dumps(result))
