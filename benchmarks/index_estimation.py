@@ -7,7 +7,7 @@ path folds each tile of scores straight into the two sums. This times the
 sums alone and each method's whole index build with either path, on the
 same random q/k (SmolLM2 shapes: 9 query heads, 3 KV heads, head_dim 64,
 fp32), same threads, chunks of 4096 queries after a cached prefix (vLLM's
-default chunking). Prints one JSON line per context length, then a summary.
+default chunking). Prints one JSON line per context length.
 
     python benchmarks/index_estimation.py --quick      # 8K context only
     python benchmarks/index_estimation.py --context 4096 8192 16384 32768

@@ -1,5 +1,7 @@
 import torch
 
+from fastctx.kernels.sparse import _EMPTY, SparseIndex, dense_index
+
 
 def random_qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0):
     """q ``[H, q_len, D]`` and k/v split into the new chunk and its cached prefix:
@@ -9,10 +11,6 @@ def random_qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0)
     k = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
     v = torch.randn(kv_heads, prefix + q_len, dim, generator=g).to(dtype)
     return q, k[:, prefix:], v[:, prefix:], k[:, :prefix], v[:, :prefix]
-
-
-# The oracle needs the index's own types.
-from fastctx.kernels.sparse import _EMPTY, SparseIndex, dense_index  # noqa: E402
 
 
 def _stack_ranges(per_head: list[torch.Tensor]) -> torch.Tensor:
