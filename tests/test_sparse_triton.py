@@ -80,3 +80,16 @@ def test_triton_decode_over_pages():
     args = (q, k[:, -1:], v[:, -1:], k[:, :-1], v[:, :-1])
     torch.testing.assert_close(triton_kernel.sparse_prefill_attention_triton(*args, index=index, block_n=16),
                                reference_sparse_prefill_attention(*args, index=index), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len,prefix,last_q,dtype", [
+    (4, 2, 40, 0, 64, torch.float32), (3, 3, 70, 30, 32, torch.float32), (2, 1, 20, 45, 16, torch.float16)])
+def test_triton_last_query_sums_match_reference(heads, kv_heads, q_len, prefix, last_q, dtype):
+    from fastctx.kernels.minference import reference_last_query_sums
+
+    q, k, _, kp, _ = random_qkv(heads, kv_heads, q_len, prefix, 64, dtype)
+    k = torch.cat([kp, k], 1)
+    got = triton_kernel.last_query_sums_triton(q, k, prefix, last_q, 0.2, block_n=16)
+    want = reference_last_query_sums(q, k, prefix, last_q, 0.2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -112,11 +112,17 @@ def reference_last_query_sums(q, k, prefix: int, last_q: int, scale: float | Non
 
 
 def last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
-    """``reference_last_query_sums``; on CPU fused in C++, without the ``[H, last_q, Tk]`` probabilities."""
+    """``reference_last_query_sums`` without the ``[H, last_q, Tk]`` probabilities: fused in C++
+    on CPU, in Triton on CUDA (power-of-two head_dim)."""
     if k.shape[1] != prefix + q.shape[1]:
         raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
                          f"prefix {prefix} + {q.shape[1]} queries")
     if q.device.type != "cpu":
+        dim = q.shape[-1]
+        if q.is_cuda and dim >= 16 and not dim & (dim - 1):
+            from fastctx.kernels.sparse_triton import last_query_sums_triton
+
+            return last_query_sums_triton(q, k, prefix, last_q, scale)
         return reference_last_query_sums(q, k, prefix, last_q, scale)
     from fastctx.kernels._cpu_ext import cpu_ops
 

@@ -77,6 +77,66 @@ def _sparse_prefill_kernel(Q, K, V, O, RANGES, COLS, q_len, prefix, scale,
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, stride_kh,
+                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (tile of the last queries, head). Pass 1 finds each row's softmax
+    # max and sum; pass 2 adds the normalized probabilities to the column sums and,
+    # by diagonal offset (query position - key position), to the slash sums.
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = r * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    qpos = tk - n + rows
+    dims = tl.arange(0, D)
+    q = tl.load(Q + h * stride_qh + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32)
+    k_base = K + (h // group) * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for s0 in range(0, tk, BLOCK_N):
+        keys = s0 + tl.arange(0, BLOCK_N)
+        k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
+        ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows with l_i = 0 are masked out below
+    for s0 in range(0, tk, BLOCK_N):
+        keys = s0 + tl.arange(0, BLOCK_N)
+        k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
+        ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
+        p = tl.where(ok, tl.exp(s - m_safe[:, None]) * inv[:, None], 0.0)
+        tl.atomic_add(VERT + h * tk + keys, tl.sum(p, 0), mask=keys < tk)
+        offsets = tl.where(ok, qpos[:, None] - keys[None, :], 0)
+        tl.atomic_add(SLASH + h * tk + offsets, p, mask=ok)
+
+
+def last_query_sums_triton(q, k, prefix: int, last_q: int, scale: float | None = None,
+                           block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``minference.last_query_sums``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
+    heads, q_len, dim = q.shape
+    if k.shape[1] != prefix + q_len:
+        raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
+                         f"prefix {prefix} + {q_len} queries")
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
+    n, tk = min(last_q, q_len), k.shape[1]
+    q_last, k = q[:, -n:].contiguous(), k.contiguous()
+    vertical = torch.zeros(heads, tk, dtype=torch.float32, device=q.device)
+    slash = torch.zeros_like(vertical)
+    block_m = 16 if n <= 16 else 32
+    _last_query_sums_kernel[(triton.cdiv(n, block_m), heads)](
+        q_last, k, vertical, slash, n, tk, heads // k.shape[0], dim ** -0.5 if scale is None else scale,
+        q_last.stride(0), k.stride(0), D=dim, BLOCK_M=block_m, BLOCK_N=block_n)
+    return vertical, slash
+
+
 # TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions.
 _INTERPRETED = type(_sparse_prefill_kernel).__name__ == "InterpretedFunction"
 
