@@ -70,6 +70,8 @@ def test_last_query_sums_need_keys_ending_at_the_last_query():
     q, k = _qk(q_len=100, prefix=50)
     with pytest.raises(ValueError, match="must end at its last query"):
         mi.last_query_sums(q, k[:, :120], 50, 64)
+    with pytest.raises(ValueError, match="head_dim must match"):
+        mi.last_query_sums(q, k[..., :32].contiguous(), 50, 64)
 
 
 def test_block_sparse_mask_is_causal_and_keeps_diagonal():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fastctx.kernels.dense import _check
 from fastctx.kernels.sparse import (
     DEFAULT_BLOCK_Q,
     SparseIndex,
@@ -111,18 +112,24 @@ def reference_last_query_sums(q, k, prefix: int, last_q: int, scale: float | Non
     return probs.sum(1), diagonal_sums(probs, pos)
 
 
-def last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
-    """``reference_last_query_sums`` without the ``[H, last_q, Tk]`` probabilities: fused in C++
-    on CPU, in Triton on CUDA (power-of-two head_dim)."""
+def check_chunk_keys(q, k, prefix: int) -> None:
+    """The fused sums read raw memory: shapes must fit, and the keys end at the chunk's last query."""
+    _check(q, k, k)
     if k.shape[1] != prefix + q.shape[1]:
         raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
                          f"prefix {prefix} + {q.shape[1]} queries")
-    if q.device.type != "cpu":
-        dim = q.shape[-1]
-        if q.is_cuda and dim >= 16 and not dim & (dim - 1):
-            from fastctx.kernels.sparse_triton import last_query_sums_triton
 
+
+def last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
+    """``reference_last_query_sums`` without the ``[H, last_q, Tk]`` probabilities: fused in C++
+    on CPU, in Triton on CUDA (power-of-two head_dim)."""
+    check_chunk_keys(q, k, prefix)
+    if q.is_cuda:
+        from fastctx.kernels.sparse_triton import last_query_sums_triton, triton_head_dim
+
+        if triton_head_dim(q.shape[-1]):
             return last_query_sums_triton(q, k, prefix, last_q, scale)
+    if q.device.type != "cpu":
         return reference_last_query_sums(q, k, prefix, last_q, scale)
     from fastctx.kernels._cpu_ext import cpu_ops
 

@@ -149,8 +149,10 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     first, last = dense_index(1, q_len, prefix, block_q).block_rows()
     sizes = last - first + 1
     offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
-    parts = [(sizes == rows, _slash_ranges(offsets, first[sizes == rows], last[sizes == rows], rows))
-             for rows in torch.unique(sizes).tolist()]  # full blocks, then a shorter last block
+    parts = []
+    for rows in torch.unique(sizes).tolist():  # full blocks, then a shorter last block
+        sel = sizes == rows
+        parts.append((sel, _slash_ranges(offsets, first[sel], last[sel], rows)))
     ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long)
     for sel, r in parts:
         ranges[:, sel, : r.shape[2]] = r

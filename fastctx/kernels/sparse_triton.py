@@ -15,6 +15,16 @@ import triton.language as tl
 from fastctx.kernels.sparse import SparseIndex, joined_chunk
 
 
+def triton_head_dim(dim: int) -> bool:
+    """Whether the Triton kernels take this head_dim (``tl.dot`` tiles: a power of two >= 16)."""
+    return dim >= 16 and not dim & (dim - 1)
+
+
+def _require_head_dim(dim: int) -> None:
+    if not triton_head_dim(dim):
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
+
+
 @triton.jit
 def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
     if DOT_F32:
@@ -78,6 +88,16 @@ def _sparse_prefill_kernel(Q, K, V, O, RANGES, COLS, q_len, prefix, scale,
 
 
 @triton.jit
+def _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of the query rows against keys ``s0 .. s0 + BLOCK_N`` and which are causal and real."""
+    keys = s0 + tl.arange(0, BLOCK_N)
+    k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
+    ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
+    return keys, s, ok
+
+
+@triton.jit
 def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, stride_kh,
                             D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (tile of the last queries, head). Pass 1 finds each row's softmax
@@ -95,10 +115,7 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for s0 in range(0, tk, BLOCK_N):
-        keys = s0 + tl.arange(0, BLOCK_N)
-        k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
-        ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
+        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -107,10 +124,7 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows with l_i = 0 are masked out below
     for s0 in range(0, tk, BLOCK_N):
-        keys = s0 + tl.arange(0, BLOCK_N)
-        k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
-        ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
+        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N)
         p = tl.where(ok, tl.exp(s - m_safe[:, None]) * inv[:, None], 0.0)
         tl.atomic_add(VERT + h * tk + keys, tl.sum(p, 0), mask=keys < tk)
         offsets = tl.where(ok, qpos[:, None] - keys[None, :], 0)
@@ -120,12 +134,11 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
 def last_query_sums_triton(q, k, prefix: int, last_q: int, scale: float | None = None,
                            block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``minference.last_query_sums``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
+    from fastctx.kernels.minference import check_chunk_keys
+
+    check_chunk_keys(q, k, prefix)
     heads, q_len, dim = q.shape
-    if k.shape[1] != prefix + q_len:
-        raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
-                         f"prefix {prefix} + {q_len} queries")
-    if dim & (dim - 1) or dim < 16:
-        raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
+    _require_head_dim(dim)
     n, tk = min(last_q, q_len), k.shape[1]
     q_last, k = q[:, -n:].contiguous(), k.contiguous()
     vertical = torch.zeros(heads, tk, dtype=torch.float32, device=q.device)
@@ -147,8 +160,7 @@ def sparse_prefill_attention_triton(q, k_new, v_new, k_prefix=None, v_prefix=Non
     """Same contract as ``sparse_prefill_attention``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
     k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     heads, q_len, dim = q.shape
-    if dim & (dim - 1) or dim < 16:
-        raise ValueError(f"the Triton kernel needs a power-of-two head_dim >= 16, got {dim}")
+    _require_head_dim(dim)
     block_q = index.block_q if index.num_blocks > 1 else q_len
     block_m = max(16, triton.next_power_of_2(block_q))
     if index.num_blocks > 1 and block_m != block_q:
