@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastctx-installed
 
-.PHONY: setup install model kernels test demo bench clean
+.PHONY: setup install model kernels test test-fast lint demo bench clean
 
 setup: install model kernels
 
@@ -30,8 +30,16 @@ model: install
 kernels: install
 	$(PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"
 
-test: setup
-	$(PY) -m pytest -q tests
+# Kernels, methods, config, eval units: no engine, no model download (~2 min once installed).
+test-fast: install kernels
+	$(PY) -m pytest -q -m "not engine and not model" tests
+
+# Everything: the fast tests, then those that need the model and real vLLM engines.
+test: setup test-fast
+	$(PY) -m pytest -q -m "engine or model" tests
+
+lint: install
+	$(VENV)/bin/ruff check fastctx tests benchmarks
 
 # The main job: SCBench-style evaluation of every method on the embedded model (~13 min).
 DEMO_OUT ?= runs/quick
@@ -44,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/sparse_attention.py
 	$(PY) benchmarks/index_estimation.py
 	$(PY) benchmarks/prefill_ttft.py
+	$(PY) benchmarks/decode_tps.py
 
 clean:
 	rm -rf $(VENV)

@@ -1,11 +1,22 @@
-"""One layer of causal prefill attention: vLLM's CPU paged kernel vs fastctx's dense prefill.
+"""One layer of causal attention over vLLM's CPU paged cache: vLLM's kernel vs fastctx's, side by side.
 
-Same thread count, same random q/k/v (SmolLM2 shapes: 9 query heads, 3 KV
-heads, head_dim 64, fp32) for both; vLLM reads K/V from its paged cache,
-fastctx from contiguous tensors. Prints a table, then one JSON line.
+Same threads, same random q/k/v (SmolLM2 shapes: 9 query heads, 3 KV heads,
+head_dim 64) written once into a vLLM CPU cache (block 128, scattered blocks)
+with vLLM's own writer. Timed on it:
 
-    python benchmarks/attention_kernels.py --quick      # 2K and 4K tokens
-    python benchmarks/attention_kernels.py --tokens 2048 4096 8192 16384
+- ``vllm``: vLLM's ``cpu_attention_with_kv_cache``;
+- ``fastctx_dense``: fastctx's batch kernel with a dense read, K/V read in place;
+- ``sparse_at_1``: the same kernel through a sparse index that lists every key;
+- ``gather_sdpa``: what fastctx did before reading in place: copy the context
+  out of the cache, then torch SDPA (merging prefix and chunk by log-sum-exp).
+
+Cases are a fresh prefill of N tokens, or a chunk of C tokens after a cached
+prefix of P (chunked prefill, prefix-cache hits). Error is the largest absolute
+difference from the float32 reference on 128 sampled query rows. The last line
+printed is one JSON object.
+
+    python benchmarks/attention_kernels.py --quick        # 8K fresh, and 512 tokens after a 4K prefix
+    python benchmarks/attention_kernels.py --cases 0:2048 0:4096 0:8192 0:16384 4096:512 4096:4096
 """
 
 from __future__ import annotations
@@ -16,7 +27,12 @@ import time
 
 import torch
 
-from fastctx.kernels import prefill_attention
+from fastctx.kernels.attention import Read, paged_attention
+from fastctx.kernels.dense import prefill_attention
+from fastctx.kernels.paged import PagedKV
+from fastctx.kernels.sparse import dense_index, reference_attention_rows
+
+BLOCK = 128
 
 
 def best_ms(fn, reps: int, warmup: bool = True) -> float:
@@ -31,59 +47,100 @@ def best_ms(fn, reps: int, warmup: bool = True) -> float:
     return min(times) * 1e3
 
 
-def vllm_prefill(q, k, v, block_size=128):
-    """A closure running vLLM's CPU attention over a paged copy of k/v; returns (fn, out)."""
+def vllm_cache(k: torch.Tensor, v: torch.Tensor, seed: int = 0):
+    """``k``/``v`` ``[tokens, Hkv, D]`` written by vLLM into a CPU cache in scattered blocks:
+    (kv_cache, key_cache, value_cache, block table row)."""
     from vllm import _custom_ops as ops
 
     tokens, kv_heads, dim = k.shape
-    blocks = -(-tokens // block_size)
-    cache = torch.zeros(blocks, kv_heads, block_size, 2 * dim, dtype=k.dtype)
-    key_cache, value_cache = cache.view(blocks, kv_heads, 2 * block_size, dim).chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(tokens), "vec",
-                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    qsl = torch.tensor([0, tokens], dtype=torch.int32)
-    seq_lens = torch.tensor([tokens], dtype=torch.int32)
-    table = torch.arange(blocks, dtype=torch.int32)[None]
-    sched = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=q.shape[1], num_kv_heads=kv_heads, head_dim=dim, seq_lens=seq_lens,
-        dtype=q.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=True, dynamic_causal=None, kv_cache_dtype="auto")
-    out = torch.empty_like(q)
+    blocks = -(-tokens // BLOCK)
+    table = torch.randperm(blocks + 4, generator=torch.Generator().manual_seed(seed))[:blocks].int()
+    cache = torch.zeros(blocks + 4, kv_heads, BLOCK, 2 * dim, dtype=k.dtype)
+    key_cache, value_cache = cache.view(blocks + 4, kv_heads, 2 * BLOCK, dim).chunk(2, dim=2)
+    slots = table.long()[torch.arange(tokens) // BLOCK] * BLOCK + torch.arange(tokens) % BLOCK
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, "vec", k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    return cache, key_cache, value_cache, table[None]
 
-    def run():
-        ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=qsl, seq_lens=seq_lens, scale=dim ** -0.5, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=table, softcap=0,
-            scheduler_metadata=sched, s_aux=None, dynamic_causal=None, k_scale=1.0,
-            v_scale=1.0, kv_cache_dtype="auto")
-    return run, out
+
+def measure(prefix: int, chunk: int, reps: int, dtype: torch.dtype) -> dict:
+    from vllm import _custom_ops as ops
+
+    from fastctx.vllm_plugin.paged_kv import cpu_paged_kv
+
+    total = prefix + chunk
+    g = torch.Generator().manual_seed(total)
+    q = torch.randn(chunk, 9, 64, generator=g).to(dtype)
+    k, v = (torch.randn(total, 3, 64, generator=g).to(dtype) for _ in range(2))
+    cache, key_cache, value_cache, table = vllm_cache(k, v)
+    kv = cpu_paged_kv(cache)
+    scale = 64 ** -0.5
+    qsl = torch.tensor([0, chunk], dtype=torch.int32)
+    seq_lens = torch.tensor([total], dtype=torch.int32)
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=9, num_kv_heads=3, head_dim=64, seq_lens=seq_lens, dtype=dtype,
+        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=True,
+        dynamic_causal=None, kv_cache_dtype="auto")
+    outs = {name: torch.empty_like(q) for name in ("vllm", "fastctx_dense", "sparse_at_1")}
+    every_key = Read.indexed(dense_index(9, chunk, prefix))
+
+    def gather_sdpa():
+        kc, vc = PagedKV.gather(kv, table[0], total)
+        return prefill_attention(q.transpose(0, 1), kc[:, prefix:], vc[:, prefix:], kc[:, :prefix],
+                                 vc[:, :prefix], scale=scale).transpose(0, 1)
+
+    runs = {
+        "vllm": lambda: ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=outs["vllm"], query_start_loc=qsl,
+            seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
+            softcap=0, scheduler_metadata=sched, s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0,
+            kv_cache_dtype="auto"),
+        "fastctx_dense": lambda: paged_attention(q, kv, table, [0, chunk], [total], [Read.DENSE], scale=scale,
+                                                 out=outs["fastctx_dense"]),
+        "sparse_at_1": lambda: paged_attention(q, kv, table, [0, chunk], [total], [every_key], scale=scale,
+                                               out=outs["sparse_at_1"]),
+        "gather_sdpa": gather_sdpa,
+    }
+    ms = {name: best_ms(fn, reps) for name, fn in runs.items()}
+    outs["gather_sdpa"] = gather_sdpa()
+    rows = torch.randperm(chunk, generator=g)[:128]
+    want = reference_attention_rows(q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                    prefix + rows, scale=scale).transpose(0, 1)
+    err = {name: float((out[rows].float() - want.float()).abs().max()) for name, out in outs.items()}
+    row = {"prefix": prefix, "chunk": chunk, **{f"{n}_ms": round(t, 2) for n, t in ms.items()},
+           "speedup_vs_vllm_dense": round(ms["vllm"] / ms["fastctx_dense"], 3),
+           "speedup_vs_vllm_sparse_at_1": round(ms["vllm"] / ms["sparse_at_1"], 3),
+           "in_place_vs_gather": round(ms["gather_sdpa"] / ms["fastctx_dense"], 3),
+           **{f"err_{n}": float(f"{e:.2e}") for n, e in err.items()}}
+    return row
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2K and 4K tokens, 2 reps")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--quick", action="store_true", help="0:8192 and 4096:512, 3 reps")
+    parser.add_argument("--cases", nargs="+", default=["0:2048", "0:4096", "0:8192", "4096:512", "4096:4096"],
+                        help="PREFIX:CHUNK token counts")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.reps = [2048, 4096], 2
+        args.cases, args.reps = ["0:8192", "4096:512"], 3
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    from engines import machine  # noqa: E402  (benchmarks/ is on sys.path)
+
     rows = []
-    print(f"threads={args.threads}\n{'tokens':>7} {'vllm_ms':>9} {'fastctx_ms':>10} {'ratio':>6} {'max_abs_err':>11}")
-    for n in args.tokens:
-        g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(n, h, 64, generator=g) for h in (9, 3, 3))
-        run_vllm, out_vllm = vllm_prefill(q, k, v)
-        vllm_ms = best_ms(run_vllm, args.reps)
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        fast_ms = best_ms(lambda: prefill_attention(qh, kh, vh), args.reps)
-        err = (prefill_attention(qh, kh, vh).transpose(0, 1) - out_vllm).abs().max().item()
-        rows.append({"tokens": n, "vllm_ms": round(vllm_ms, 1), "fastctx_dense_ms": round(fast_ms, 1),
-                     "speedup_vs_vllm": round(vllm_ms / fast_ms, 3), "max_abs_err": err})
-        print(f"{n:>7} {vllm_ms:>9.1f} {fast_ms:>10.1f} {vllm_ms / fast_ms:>6.2f} {err:>11.2e}")
-    result = {"threads": args.threads, "rows": rows}
+    print(f"threads={args.threads} dtype={args.dtype}")
+    for case in args.cases:
+        prefix, chunk = map(int, case.split(":"))
+        rows.append(measure(prefix, chunk, args.reps, dtype))
+        print(json.dumps(rows[-1]), flush=True)
+    fresh = [r for r in rows if r["prefix"] == 0]
+    head = max(fresh, key=lambda r: r["chunk"]) if fresh else rows[-1]
+    result = {"tokens": head["prefix"] + head["chunk"], "dtype": args.dtype, "threads": args.threads,
+              "speedup_vs_vllm_dense": head["speedup_vs_vllm_dense"],
+              "speedup_vs_vllm_sparse_at_1": head["speedup_vs_vllm_sparse_at_1"], **machine(), "rows": rows}
     print(json.dumps(result))
     return result
 

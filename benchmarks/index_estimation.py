@@ -21,7 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
-from fastctx.kernels import flexprefill, minference
+from fastctx.kernels import estimation
+from fastctx.methods import flexprefill, minference
 
 from attention_kernels import best_ms  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -32,7 +33,7 @@ CHUNK = 4096
 def reference_sums():
     """Make both estimators use the PyTorch reference sums (the baseline)."""
     fused = minference.last_query_sums
-    minference.last_query_sums = flexprefill.last_query_sums = minference.reference_last_query_sums
+    minference.last_query_sums = flexprefill.last_query_sums = estimation.reference_last_query_sums
     try:
         yield
     finally:

@@ -17,36 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 from fastctx.eval.server import METHODS
 from fastctx.eval.texts import prompt_token_ids
 
-
-def engine_kwargs(section: dict | None) -> dict:
-    if section is None:
-        return {}
-    return dict(attention_config={"backend": "CUSTOM"}, additional_config={"fastctx": section})
-
-
-def set_engine_env(threads_bind: str | None) -> str:
-    """Pin both engines to the same cores; returns the binding used."""
-    if threads_bind is None:
-        threads_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or f"0-{os.cpu_count() - 1}"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    return threads_bind
-
-
-def build_engines(model: str, max_len: int, methods: dict):
-    from vllm import LLM
-
-    common = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=max_len,
-                  enable_prefix_caching=False, seed=0,
-                  worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
-    return {name: LLM(**common, **engine_kwargs(section)) for name, section in methods.items()}
+from engines import build_engines, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def prompt_top1(llm, ids: list[int], last: int) -> list[int]:
@@ -95,9 +72,11 @@ def main(argv=None) -> dict:
                         "(default: the environment's, else all cores)")
     parser.add_argument("--generate", action="store_true",
                         help="also print a short greedy chat answer from each engine")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["dense", "minference", "flexprefill"],
+                        choices=list(METHODS))
     parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
                         help="override a method's fastctx section, e.g. minference='{...}'")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--agree-last", type=int, default=512,
                         help="positions at the prompt's end for top-1 agreement with stock")
     args = parser.parse_args(argv)
@@ -111,14 +90,14 @@ def main(argv=None) -> dict:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from fastctx.models import require_default_model
+    from fastctx.default_model import require_default_model
 
     model = args.model or str(require_default_model())
     tokenizer = AutoTokenizer.from_pretrained(model)
     # A prompt plus its one generated token must fit the model's context.
     context = AutoConfig.from_pretrained(model).max_position_embeddings
     args.tokens = [min(n, context - 1) for n in args.tokens]
-    engines = build_engines(model, max(args.tokens) + 1, methods)
+    engines = build_engines(model, max(args.tokens) + 1, methods, args.dtype)
     batched = engines["stock"].llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
 
     same_text = show_generation(engines, tokenizer) if args.generate else None
@@ -147,7 +126,7 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {**rows[-1], "threads_bind": threads, "max_num_batched_tokens": batched,
-              "reps": args.reps, "by_length": rows}
+              "reps": args.reps, "dtype": args.dtype, **machine(), "by_length": rows}
     if same_text is not None:
         result["same_generation"] = same_text
     print(json.dumps(result))

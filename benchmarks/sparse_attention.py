@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +98,9 @@ def main(argv=None) -> dict:
     print(f"{'N':>6} {'target':>6} {'density':>8} {'sdpa_ms':>9} {'sparse_ms':>10} "
           f"{'speedup':>8} {'x_density':>9} {'max_err':>9} {'no_gather':>10}")
     rows = [row for n in args.tokens for row in run(n, args.densities, args.reps)]
-    result = {**rows[-1], "threads": args.threads, "rows": rows} if len(rows) > 1 else {**rows[0], "threads": args.threads}
+    result = {**rows[-1], "threads": args.threads}
+    if len(rows) > 1:
+        result["rows"] = rows
     print(json.dumps(result))
     return result
 

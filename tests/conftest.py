@@ -18,6 +18,13 @@ ENGINE_ENV = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    # Tests that read the embedded model (weights or tokenizer) are left out of `make test-fast`.
+    for item in items:
+        if "model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -29,7 +36,7 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from fastctx.models import ModelPrepareError, require_default_model
+    from fastctx.default_model import ModelPrepareError, require_default_model
 
     try:
         return str(require_default_model())
@@ -49,8 +56,16 @@ def engine_kwargs(model_dir: str, **overrides):
     return kwargs
 
 
+# fastctx computes every prefill and every decode: both paths must equal stock vLLM.
 DENSE = dict(attention_config={"backend": "CUSTOM"},
-             additional_config={"fastctx": {"attention": "dense"}})
+             additional_config={"fastctx": {"attention": "dense", "decode": "dense"}})
+
+
+def density(llm, phase: str, reset: bool = True) -> dict:
+    """What the engine's fastctx runtime counted for ``phase`` since the last reset."""
+    rows = [r for r in llm.collective_rpc("fastctx_density", args=(reset,))[0] if r["phase"] == phase]
+    assert len(rows) == 1, rows
+    return rows[0]
 
 
 def _make_llm(model_dir, **overrides):

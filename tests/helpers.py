@@ -1,6 +1,6 @@
 import torch
 
-from fastctx.kernels.sparse import _EMPTY, SparseIndex, dense_index
+from fastctx.kernels.sparse import _EMPTY, SparseIndex, dense_index, streaming_index, vertical_slash_index
 
 
 def random_qkv(heads, kv_heads, q_len, prefix, dim, dtype=torch.float32, seed=0):
@@ -71,3 +71,22 @@ def vertical_slash_index_loop(vertical: torch.Tensor, slash: torch.Tensor, q_len
     for h, c in enumerate(cols):
         col_t[h, :, : c.shape[1]] = c
     return SparseIndex(_stack_ranges(per_head), col_t, q_len, prefix, block_q)
+
+
+def random_vs_index(heads, q_len, prefix, block_q, seed=0) -> SparseIndex:
+    """A vertical-slash index over random columns and diagonals (plus the first few of each)."""
+    g = torch.Generator().manual_seed(seed)
+    total = prefix + q_len
+    vertical = torch.cat([torch.arange(min(4, total)).expand(heads, -1),
+                          torch.randint(0, total, (heads, 9), generator=g)], 1)
+    slash = torch.cat([torch.arange(min(5, total)).expand(heads, -1),
+                       torch.randint(0, total, (heads, 6), generator=g)], 1)
+    return vertical_slash_index(vertical, slash, q_len, prefix, block_q)
+
+
+# Index kinds the kernel tests run: (heads, q_len, prefix, block_q) -> SparseIndex.
+INDEXES = {
+    "dense": lambda h, t, p, b: dense_index(h, t, p, b),
+    "streaming": lambda h, t, p, b: streaming_index(h, t, sink=3, local=20, prefix=p, block_q=b),
+    "vertical-slash": random_vs_index,
+}

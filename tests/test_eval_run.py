@@ -59,7 +59,7 @@ def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir,
     assert_no_new_engine_processes(before)
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"dense", "minference"}
-    for name, method in results["methods"].items():
+    for method in results["methods"].values():
         for task in ("kv", "passkey"):
             stats = method["tasks"][task]
             assert isinstance(stats["score"], float) and 0 <= stats["score"] <= 1

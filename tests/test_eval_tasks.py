@@ -8,8 +8,7 @@ import re
 import pytest
 
 from fastctx.eval.prompts import answer_text, messages, prompt_ids, teacher_forced_ids
-from fastctx.eval.tasks import (TASKS, all_names, contains, first_int_equals, generate_session,
-                                load_scbench_sessions)
+from fastctx.eval.tasks import TASKS, all_names, contains, first_int_equals, generate_session, load_scbench_sessions
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fastctx.kernels import flexprefill as fp
 from fastctx.kernels.sparse import attention_recall, reference_sparse_prefill_attention, sparse_prefill_attention
+from fastctx.methods import flexprefill as fp
 
 
 def _qkv(q_len, prefix=0, heads=9, kv_heads=3, dim=64, seed=0):
@@ -64,7 +64,7 @@ def test_index_runs_on_the_kernel_and_is_sparse(prefix):
 
 @pytest.mark.parametrize("kwargs,needle", [({"gamma": 0}, "gamma"), ({"tau": -1}, "tau"),
                                            ({"block_size": 100}, "block_size"),
-                                           ({"min_budget": 512, "max_budget": 256}, "budgets")])
+                                           ({"min_budget": 512, "max_budget": 256}, "min_budget <= max_budget")])
 def test_bad_params_say_what_to_change(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         fp.FlexPrefillParams(**kwargs)

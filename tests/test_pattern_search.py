@@ -5,7 +5,7 @@ import json
 import torch
 
 from fastctx import pattern_search
-from fastctx.kernels import minference as mi
+from fastctx.methods import minference as mi
 
 
 def test_retrieval_prompt_fits_the_token_budget(model_dir):

@@ -93,7 +93,7 @@ def test_server_greedy_text_matches_offline_dense(server, dense_llm):
     offline = dense_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=24))
     assert reply["choices"][0]["text"] == offline[0].outputs[0].text
     # Stock attention would give the same text: prove fastctx's backend served it.
-    assert "fastctx attention: prefill method 'dense'" in log.read_text()
+    assert "fastctx attention: 30 layers, prefill 'dense'" in log.read_text()
 
 
 def test_server_refuses_bad_fastctx_config(vllm_available, model_dir):

@@ -1,9 +1,8 @@
-"""The C++ sparse prefill path against the masked-softmax reference."""
+"""The sparse index format: builders, masks, density counts, and properties of the sparse op
+(the reference-vs-implementation grid is tests/test_kernel_grid.py)."""
 
 import pytest
 import torch
-
-from tests.helpers import random_qkv, vertical_slash_index_loop
 
 from fastctx.kernels import prefill_attention
 from fastctx.kernels.sparse import (
@@ -13,37 +12,7 @@ from fastctx.kernels.sparse import (
     streaming_index,
     vertical_slash_index,
 )
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-
-
-def _vs(heads, q_len, prefix, block_q, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    total = prefix + q_len
-    vertical = torch.cat([torch.arange(min(4, total)).expand(heads, -1),
-                          torch.randint(0, total, (heads, 9), generator=g)], 1)
-    slash = torch.cat([torch.arange(min(5, total)).expand(heads, -1),
-                       torch.randint(0, total, (heads, 6), generator=g)], 1)
-    return vertical_slash_index(vertical, slash, q_len, prefix, block_q)
-
-
-INDEXES = {
-    "dense": lambda h, t, p, b: dense_index(h, t, p, b),
-    "streaming": lambda h, t, p, b: streaming_index(h, t, sink=3, local=20, prefix=p, block_q=b),
-    "vertical_slash": _vs,
-}
-
-
-@pytest.mark.parametrize("kind", list(INDEXES))
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
-@pytest.mark.parametrize("q_len,prefix", [(1, 0), (1, 70), (7, 0), (150, 0), (97, 130), (64, 64)])
-@pytest.mark.parametrize("block_q", [16, 64])
-def test_fast_path_matches_reference(kind, heads, kv_heads, q_len, prefix, block_q):
-    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, 64)
-    index = INDEXES[kind](heads, q_len, prefix, block_q)
-    got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
-    want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+from tests.helpers import INDEXES, random_qkv, random_vs_index, vertical_slash_index_loop
 
 
 @pytest.mark.parametrize("gather_below", [0, 40, 10**6])
@@ -52,21 +21,10 @@ def test_short_ranges_gathered_or_scored_in_place_give_the_same_output(monkeypat
 
     monkeypatch.setattr(sparse, "GATHER_BELOW", gather_below)
     q, k, v, kp, vp = random_qkv(9, 3, 300, 200, 64)
-    index = _vs(9, 300, 200, 32)
+    index = random_vs_index(9, 300, 200, 32)
     torch.testing.assert_close(sparse_prefill_attention(q, k, v, kp, vp, index=index),
                                reference_sparse_prefill_attention(q, k, v, kp, vp, index=index),
                                atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dim", [64, 128])
-def test_dtypes_and_head_dims(dtype, dim):
-    q, k, v, kp, vp = random_qkv(9, 3, 100, 40, dim, dtype)
-    index = _vs(9, 100, 40, 32)
-    got = sparse_prefill_attention(q, k, v, kp, vp, index=index)
-    want = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
-    assert got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def test_density_one_equals_dense_attention():
@@ -134,7 +92,7 @@ def test_ragged_batch_equals_each_sequence():
     for n in lengths:
         cu.append(cu[-1] + n)
     q, k, v, _, _ = random_qkv(9, 3, cu[-1], 0, 64)
-    indexes = [_vs(9, n, 0, 32, seed=i) for i, n in enumerate(lengths)]
+    indexes = [random_vs_index(9, n, 0, 32, seed=i) for i, n in enumerate(lengths)]
     got = sparse_prefill_attention_varlen(q, k, v, cu, indexes)
     for index, a, b in zip(indexes, cu, cu[1:]):
         want = reference_sparse_prefill_attention(q[:, a:b], k[:, a:b], v[:, a:b], index=index)
@@ -145,7 +103,7 @@ def test_row_reference_matches_full_reference():
     from fastctx.kernels.sparse import reference_sparse_rows
 
     q, k, v, kp, vp = random_qkv(9, 3, 120, 30, 64)
-    index = _vs(9, 120, 30, 32)
+    index = random_vs_index(9, 120, 30, 32)
     rows = torch.tensor([0, 31, 32, 119])
     full = reference_sparse_prefill_attention(q, k, v, kp, vp, index=index)
     part = reference_sparse_rows(q, torch.cat([kp, k], 1), torch.cat([vp, v], 1), index=index, rows=rows)

@@ -1,7 +1,9 @@
-"""The dense backend must reproduce stock vLLM's greedy tokens exactly.
+"""The dense methods must reproduce stock vLLM's greedy tokens exactly, in prefill and in decode.
 
-Each scenario runs on a stock engine and on a fastctx ``dense`` engine with
-the same settings (fp32, chunked prefill at 256 tokens, prefix caching on).
+Each scenario runs on a stock engine and on a fastctx engine with
+``{"attention": "dense", "decode": "dense"}`` (every prefill and every decode through
+fastctx, K/V read in place from vLLM's paged cache) with the same settings (fp32,
+chunked prefill at 256 tokens, prefix caching on).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import pytest
 
 from fastctx.eval.texts import natural_text
 from fastctx.vllm_plugin.attention import STATS
+from tests.conftest import density
 
 pytestmark = pytest.mark.engine
 
@@ -26,7 +29,7 @@ def _tokens(outputs):
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def _staggered(llm, stages):
+def _staggered(llm, stages, on_step=None):
     """Feed requests in stages: each stage is added, then the engine steps once.
 
     Requests added while earlier ones decode share engine steps with them.
@@ -34,16 +37,19 @@ def _staggered(llm, stages):
     """
     engine = llm.llm_engine
     done = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (list(out.outputs[0].token_ids), out.num_cached_tokens)
+        if on_step:
+            on_step()
     for stage in stages:
         for rid, prompt in stage:
             engine.add_request(rid, prompt, _greedy())
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (list(out.outputs[0].token_ids), out.num_cached_tokens)
+        step()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = (list(out.outputs[0].token_ids), out.num_cached_tokens)
+        step()
     return done
 
 
@@ -51,11 +57,15 @@ def test_chunked_prefill_batch_matches_stock(stock_llm, dense_llm):
     prompts = [TEXT[:700], TEXT[:1600], TEXT[:2600]]
     want = _tokens(stock_llm.generate(prompts, _greedy()))
     STATS.reset()
+    density(dense_llm, "decode")
     got = _tokens(dense_llm.generate(prompts, _greedy()))
     assert got == want
     # The prompts exceed the 256-token step budget: later chunks attend to
     # cached context, and some steps mix decodes with prefills.
     assert STATS.prefix_prefills > 0 and STATS.mixed_steps > 0
+    # Every decode went through fastctx (30 layers x 3 prompts x 19 decode steps), densely.
+    decode = density(dense_llm, "decode")
+    assert decode["method"] == "dense" and decode["dense_chunks"] == 30 * 3 * 19 and decode["density"] == 1.0
 
 
 def test_mixed_step_with_decode_fresh_and_prefix_hit(stock_llm, dense_llm):
@@ -85,3 +95,18 @@ def test_single_prompts_match_stock(stock_llm, dense_llm):
         want = _tokens(stock_llm.generate([prompt], params))
         got = _tokens(dense_llm.generate([prompt], params))
         assert got == want, prompt[:40]
+
+
+def test_request_state_follows_the_engines_requests(dense_llm):
+    """Per-request state is keyed by the engine's own request ids (vLLM suffixes the caller's),
+    made when a request is first seen and freed once the engine reports it finished."""
+    live_per_step = []
+
+    def live() -> set[str]:
+        return {rid.rsplit("-", 1)[0] for rid in dense_llm.collective_rpc("fastctx_live_requests")[0]}
+    _staggered(dense_llm, [[("state-a", TEXT[100:900])], [("state-b", TEXT[3000:3400])]],
+               on_step=lambda: live_per_step.append(live()))
+    assert live_per_step[0] == {"state-a"}  # b not added yet
+    assert any(ids == {"state-a", "state-b"} for ids in live_per_step)
+    _staggered(dense_llm, [[("state-c", "One more step.")]])  # its steps carry the finished ids
+    assert not {"state-a", "state-b"} & live()

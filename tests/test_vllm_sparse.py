@@ -1,14 +1,11 @@
-"""MInference and FlexPrefill inside vLLM: exact at full budgets, sparse and reported otherwise."""
+"""Sparse methods inside vLLM: exact at full budgets, sparse and reported otherwise, in both phases."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastctx.config import FastctxConfig
 from fastctx.eval.texts import natural_text
-from fastctx.methods import DensityStats
-from fastctx.vllm_plugin import attention as backend
-from tests.conftest import _make_llm
+from tests.conftest import _make_llm, density
 
 pytestmark = pytest.mark.engine
 
@@ -19,25 +16,35 @@ FULL_BUDGET = {
     "minference": {"attention": "minference", "dense_below": 0},  # (1000, 6096) >= these lengths
     "flexprefill": {"attention": "flexprefill", "dense_below": 0,
                     "flexprefill": {"gamma": 1.0, "min_budget": 8192}},
+    # A window longer than every context reads everything, in prefill and decode.
+    "streaming": {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 4, "local": 2048}},
 }
-SPARSE = {"attention": "minference", "dense_below": 0, "minference": {"v_size": 30, "s_size": 100}}
+SPARSE = {
+    "minference": {"attention": "minference", "dense_below": 0, "minference": {"v_size": 30, "s_size": 100}},
+    "streaming": {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 16, "local": 256}},
+}
 
 
-def _run(llm, section):
+def _run(llm, max_tokens=20):
     from vllm import SamplingParams
 
-    method = backend._METHODS[FastctxConfig.from_section(section)]
-    method.stats = DensityStats()
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20))
-    return [list(o.outputs[0].token_ids) for o in outs], method.stats
+    density(llm, "prefill")  # reset
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens))
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 @pytest.fixture(scope="module")
 def engines(vllm_available, model_dir):
-    sections = {**FULL_BUDGET, "sparse": SPARSE}
-    return {name: (_make_llm(model_dir, attention_config={"backend": "CUSTOM"},
-                             additional_config={"fastctx": section}), section)
-            for name, section in sections.items()}
+    made = {}
+
+    def get(kind, name):
+        if (kind, name) not in made:
+            section = (FULL_BUDGET if kind == "full" else SPARSE)[name]
+            made[(kind, name)] = _make_llm(model_dir, attention_config={"backend": "CUSTOM"},
+                                           additional_config={"fastctx": section})
+        return made[(kind, name)]
+    yield get
+    made.clear()
 
 
 @pytest.mark.parametrize("name", list(FULL_BUDGET))
@@ -46,14 +53,54 @@ def test_full_budget_equals_dense(engines, dense_llm, name):
 
     want = [list(o.outputs[0].token_ids)
             for o in dense_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20))]
-    got, stats = _run(*engines[name])
-    assert got == want
-    assert stats.sparse_chunks > 0 and stats.density == 1.0
+    llm = engines("full", name)
+    assert _run(llm) == want
+    prefill = density(llm, "prefill", reset=False)
+    assert prefill["sparse_chunks"] > 0 and prefill["density"] == 1.0
 
 
 def test_small_budgets_are_sparse_and_reported(engines):
-    got, stats = _run(*engines["sparse"])
+    llm = engines("sparse", "minference")
+    got = _run(llm)
     assert all(len(tokens) == 20 for tokens in got)
-    assert stats.sparse_chunks > 0 and 0.05 < stats.density < 0.6
-    reported = [s for s in backend.density_stats() if s["config"]["minference"]["s_size"] == 100]
-    assert reported and reported[0]["density"] == round(stats.density, 4)
+    prefill = density(llm, "prefill", reset=False)
+    assert prefill["sparse_chunks"] > 0 and 0.05 < prefill["density"] < 0.6
+    assert prefill["config"]["minference"]["s_size"] == 100
+
+
+def test_streaming_runs_sparse_in_both_phases_and_reports_decode_density(engines):
+    llm = engines("sparse", "streaming")
+    density(llm, "decode")  # reset
+    got = _run(llm, max_tokens=24)
+    assert all(len(tokens) == 24 for tokens in got)
+    prefill, decode = density(llm, "prefill", reset=False), density(llm, "decode", reset=False)
+    assert prefill["method"] == decode["method"] == "streaming"
+    # Decodes at ~1000-1300 tokens of context read 16 + 256 keys each; the short prompt reads all.
+    assert decode["dense_chunks"] > 0 and decode["sparse_chunks"] > 0
+    assert 0.15 < decode["density"] < 0.5
+    assert prefill["density"] < 0.6
+
+
+def test_layers_vllm_keeps_say_why_and_the_rest_stay_exact(vllm_available, model_dir):
+    """Sliding-window layers run vLLM's kernel (reason logged); fastctx computes the others, and the
+    tokens equal a stock engine with the same model."""
+    from vllm import SamplingParams
+
+    overrides = {"layer_types": ["sliding_attention", "full_attention"] * 15, "sliding_window": 128}
+    params = SamplingParams(temperature=0, max_tokens=16)
+    prompt = [TEXT[60000:61500]]
+    stock = _make_llm(model_dir, hf_overrides=overrides)
+    want = [list(o.outputs[0].token_ids) for o in stock.generate(prompt, params)]
+    del stock
+    mixed = _make_llm(model_dir, hf_overrides=overrides, attention_config={"backend": "CUSTOM"},
+                      additional_config={"fastctx": {"attention": "dense", "decode": "dense"}})
+    assert [list(o.outputs[0].token_ids) for o in mixed.generate(prompt, params)] == want
+    decode = density(mixed, "decode")
+    assert decode["dense_chunks"] == 15 * 15  # 15 fastctx layers x 15 decode steps
+
+
+def test_every_layer_falling_back_stops_startup(vllm_available, model_dir):
+    overrides = {"layer_types": ["sliding_attention"] * 30, "sliding_window": 128}
+    with pytest.raises(Exception, match="every attention layer would run vLLM's own kernel.*sliding window"):
+        _make_llm(model_dir, hf_overrides=overrides, attention_config={"backend": "CUSTOM"},
+                  additional_config={"fastctx": {"attention": "dense"}})

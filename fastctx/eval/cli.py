@@ -17,9 +17,13 @@ import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastctx.eval.prompts import MODES
 from fastctx.eval.tasks import TASKS
+
+if TYPE_CHECKING:  # the runner is imported lazily: the CLI starts fast
+    from fastctx.eval.runner import RunSpec
 
 PRESETS = {
     # Wiring check: two methods, two tasks, one short length (~3 min on 2 cores).
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(args) -> "RunSpec":
+def resolve(args) -> RunSpec:
     from fastctx.eval.runner import RunSpec
     from fastctx.eval.server import parse_methods
 
@@ -113,7 +117,7 @@ def resolve(args) -> "RunSpec":
     if args.model:
         model = args.model
     else:
-        from fastctx.models import require_default_model
+        from fastctx.default_model import require_default_model
 
         model = str(require_default_model())
     return RunSpec(model=model, methods=methods, tasks=tasks, lengths=lengths, mode=args.mode,

@@ -94,9 +94,10 @@ def prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, ti
 
 
 def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
-    """Query/key pairs the fastctx prefill methods read since the last call (then reset).
-    Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and the fastctx worker extension;
-    None for a server without fastctx methods or without that endpoint (e.g. SGLang)."""
+    """Query/key pairs the fastctx methods read since the last call (then reset): prefill pairs as
+    ``read_pairs``/``causal_pairs``, decode pairs (when a decode method runs) as ``decode_*``.
+    Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and fastctx's worker; None for a server
+    without fastctx methods or without that endpoint (e.g. SGLang)."""
     try:
         reply = requests.post(base_url + "/collective_rpc", timeout=timeout,
                               json={"method": "fastctx_density", "args": ["reset"]})
@@ -110,6 +111,10 @@ def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
     stats = [s for worker in workers for s in (worker or [])]
     if not stats:
         return None
-    read = sum(s["read_pairs"] for s in stats)
-    causal = sum(s["causal_pairs"] for s in stats)
-    return {"read_pairs": read, "causal_pairs": causal}
+    out = {}
+    for phase, prefix in (("prefill", ""), ("decode", "decode_")):
+        rows = [s for s in stats if s.get("phase", "prefill") == phase]
+        if rows:
+            out[prefix + "read_pairs"] = sum(s["read_pairs"] for s in rows)
+            out[prefix + "causal_pairs"] = sum(s["causal_pairs"] for s in rows)
+    return out

@@ -1,4 +1,4 @@
-"""How close a sparse prefill method stays to dense attention, independent of any task.
+"""How close a prefill method stays to dense attention, independent of any task.
 
 The model runs teacher-forced on long natural text (the standard library's
 sources, offline everywhere) twice through Hugging Face transformers: once
@@ -23,10 +23,11 @@ import threading
 import torch
 
 from fastctx.config import FastctxConfig
+from fastctx.core import AttentionRuntime, StepBatch
 from fastctx.eval.texts import prompt_token_ids
+from fastctx.kernels.attention import read_recall
 from fastctx.kernels.dense import prefill_attention
-from fastctx.kernels.sparse import attention_recall
-from fastctx.methods import PrefillMethod, build_prefill_method
+from fastctx.methods import ModelShape
 
 _ATTN_NAME = "fastctx_fidelity"
 _state = threading.local()
@@ -34,25 +35,25 @@ RECALL_ROWS = 256
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Hugging Face attention hook: dense, or the current fastctx method (batch of one)."""
-    method: PrefillMethod | None = getattr(_state, "method", None)
+    """Hugging Face attention hook: dense, or the current fastctx runtime (a batch of one prefill)."""
+    runtime: AttentionRuntime | None = getattr(_state, "runtime", None)
     q, k, v = query[0], key[0], value[0]
-    if method is None:
+    if runtime is None:
         out = prefill_attention(q, k, v, scale=scaling)
     else:
-        out = method(q, k, v, scale=scaling, layer=module.layer_idx)
-        if method.name != "dense" and q.shape[1] >= method.dense_below:
-            _state.recalls.append(_recall(method, q, k, scaling, module.layer_idx))
+        out = torch.empty_like(q)
+        [read] = runtime.forward(StepBatch.single(q, k, v), module.layer_idx, scaling, out.transpose(0, 1))
+        if read.kind != "dense":
+            _state.recalls.append(_recall(read, q, k, scaling, module.layer_idx))
     return out.transpose(0, 1)[None].contiguous(), None
 
 
-def _recall(method, q, k, scale, layer) -> float:
-    """Mean over sampled rows and heads of the dense softmax mass inside the method's index."""
+def _recall(read, q, k, scale, layer) -> float:
+    """Mean over sampled rows and heads of the dense softmax mass inside what the method read."""
     tq = q.shape[1]
     g = torch.Generator().manual_seed(layer)
     rows = torch.cat([torch.randperm(tq, generator=g)[:RECALL_ROWS], torch.arange(max(0, tq - 64), tq)])
-    index = method.index(q, k, prefix=0, scale=scale, layer=layer)
-    return float(attention_recall(q, k, index=index, rows=rows, scale=scale).mean())
+    return float(read_recall(q, k, read, rows, rows + k.shape[1] - tq, scale).mean())
 
 
 def load_model(model_dir: str):
@@ -64,28 +65,29 @@ def load_model(model_dir: str):
 
 
 @torch.inference_mode()
-def _logits(model, ids: list[int], method: PrefillMethod | None, last: int) -> torch.Tensor:
-    _state.method = method
+def _logits(model, ids: list[int], runtime: AttentionRuntime | None, last: int) -> torch.Tensor:
+    _state.runtime = runtime
     _state.recalls = []
     try:
         hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -last:]
         return model.lm_head(hidden).float()
     finally:
-        _state.method = None
+        _state.runtime = None
 
 
 def compare(model, ids: list[int], section: dict, last: int = 512) -> dict:
     """Fidelity of the method configured by ``section`` (a ``fastctx`` config) on ``ids``."""
     cfg = FastctxConfig.from_section(section)
     mc = model.config
-    method = build_prefill_method(cfg, mc.num_hidden_layers, mc.num_attention_heads)
+    runtime = AttentionRuntime(cfg, ModelShape(mc.num_hidden_layers, mc.num_attention_heads, mc.num_key_value_heads,
+                                               mc.hidden_size // mc.num_attention_heads))
     dense = _logits(model, ids, None, last)
-    sparse = _logits(model, ids, method, last)
+    sparse = _logits(model, ids, runtime, last)
     recalls = list(_state.recalls)
     logp, logq = torch.log_softmax(dense, -1), torch.log_softmax(sparse, -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     return {"method": cfg.attention, "tokens": len(ids), "positions": last,
-            "density": round(method.stats.density, 4),
+            "density": round(runtime.stats["prefill"].density, 4),
             "attention_recall": round(sum(recalls) / len(recalls), 4) if recalls else 1.0,
             "top1_agree": round(float((dense.argmax(-1) == sparse.argmax(-1)).float().mean()), 4),
             "kl_nats": round(float(kl.mean()), 5)}
@@ -101,7 +103,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from fastctx.models import require_default_model
+    from fastctx.default_model import require_default_model
 
     model_dir = args.model or str(require_default_model())
     model = load_model(model_dir)

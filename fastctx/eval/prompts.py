@@ -23,8 +23,8 @@ def answer_text(answer) -> str:
 
 def messages(session: Session, turn: int, mode: str) -> list[dict]:
     task = TASKS[session.task]
-    first = {"role": "user", "content": task.template.format(context=session.context,
-                                                               input=session.turns[0 if mode == "multi-turn" else turn]["input"])}
+    query = session.turns[0 if mode == "multi-turn" else turn]["input"]
+    first = {"role": "user", "content": task.template.format(context=session.context, input=query)}
     if mode == "multi-request":
         return [first]
     if mode != "multi-turn":

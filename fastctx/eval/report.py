@@ -31,8 +31,10 @@ def _mean(values):
 
 def request_stats(reqs: list[dict]) -> dict:
     first = [r["ttft_s"] for r in reqs if r["turn"] == 0]
-    dens = [r["density"] for r in reqs if r.get("density")]
+    dens = [r["density"] for r in reqs if r.get("density") and "causal_pairs" in r["density"]]
     causal = sum(d["causal_pairs"] for d in dens)
+    decode = [r["density"] for r in reqs if r.get("density") and "decode_causal_pairs" in r["density"]]
+    decode_causal = sum(d["decode_causal_pairs"] for d in decode)
     kv = [r["kv_usage"] for r in reqs if r.get("kv_usage") is not None]
     return {
         "n": len(reqs),
@@ -46,6 +48,8 @@ def request_stats(reqs: list[dict]) -> dict:
         "kv_usage_peak": max(kv) if kv else None,
         # Share of causal (query, key) pairs the fastctx prefill read; None: not a fastctx method.
         "density": sum(d["read_pairs"] for d in dens) / causal if causal else None,
+        # The same for decodes, when a fastctx decode method ran.
+        "decode_density": sum(d["decode_read_pairs"] for d in decode) / decode_causal if decode_causal else None,
     }
 
 
@@ -141,7 +145,7 @@ def markdown(results: dict) -> str:
               "|---" * 12 + "|"]
     for m, s in methods.items():
         o, fid = s["overall"], s["fidelity_vs_dense"] or {}
-        def agree(part):
+        def agree(part, m=m):
             return "ref" if m == REFERENCE else (
                 f"{_fmt(part['top1_agree'])} / {_fmt(part['kl_nats'])}" if part else "-")
         lines.append(f"| {m} | {_fmt(o['score'])} | {_fmt(o['ttft_p50_s'])} / {_fmt(o['ttft_p90_s'])} | "

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from fastctx.eval.client import ServerError, complete, fastctx_density, prompt_logprobs
 from fastctx.eval.prompts import prompt_ids, teacher_forced_ids
@@ -187,7 +187,8 @@ class Replica:
                        "answer": item.answer, "score": score, "density": density, "time": time.time()})
         else:
             rows = prompt_logprobs(self.url, self.spec.model, item.prompt, TOP_K, timeout, start=item.start)
-            self.emit({"kind": item.kind, "key": item.key, **item.meta, "replica": self.index, "targets": item.prompt[item.start:],
+            self.emit({"kind": item.kind, "key": item.key, **item.meta, "replica": self.index,
+                       "targets": item.prompt[item.start:],
                        "logprobs": [{str(t): lp for t, lp in row.items()} for row in rows]}, True)
 
     def close(self) -> None:

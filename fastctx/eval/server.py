@@ -7,6 +7,7 @@ API server, the EngineCore and its workers, and checks that none of them is left
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,17 +20,15 @@ from pathlib import Path
 import psutil
 import requests
 
+from fastctx import methods
 from fastctx.config import FastctxConfig
 from fastctx.eval.client import ServerError
 
-# Sparse knobs for an 8K-context model: MInference's own budgets (1000, 6096) are
-# sized for 128K contexts and would be dense here. ``NAME=JSON`` overrides or adds one.
-METHODS = {
-    "stock": None,
-    "dense": {"attention": "dense"},
-    "minference": {"attention": "minference", "minference": {"v_size": 256, "s_size": 512}},
-    "flexprefill": {"attention": "flexprefill", "flexprefill": {"gamma": 0.9, "min_budget": 512}},
-}
+# Each registered method's ``eval_section`` (knobs sized for an 8K-context model: MInference's
+# own budgets (1000, 6096) are sized for 128K contexts and would be dense here); ``stock`` is vLLM
+# without fastctx. ``NAME=JSON`` overrides or adds one.
+METHODS = {"stock": None, **{name: cls.eval_section for name, cls in methods.registered().items()
+                             if cls.eval_section is not None}}
 
 
 def parse_methods(specs: list[str]) -> dict[str, dict | None]:
@@ -144,15 +143,11 @@ class VllmServer:
         except psutil.NoSuchProcess:
             family = []
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
-            except ProcessLookupError:
-                pass
             for p in family:  # a worker that left the group still belongs to this server
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
             _, family = psutil.wait_procs(family, timeout=grace if sig == signal.SIGTERM else 10)
             if not family:
                 break

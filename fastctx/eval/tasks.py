@@ -19,9 +19,9 @@ import random
 import re
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from fastctx.eval.texts import natural_text, token_ids
 

@@ -1,32 +1,57 @@
 """Build-on-first-use loader for fastctx's C++ CPU kernels.
 
-The extension is compiled for the machine it runs on (``-march=native``),
-once, into ``$FASTCTX_HOME/torch_extensions``; later processes load it in
-milliseconds. ``make setup`` builds it ahead of time.
+The extension is compiled for the machine it runs on (``-march=native``), once,
+into ``$FASTCTX_HOME/torch_extensions``; later processes load it in
+milliseconds. ``make setup`` builds it ahead of time. The build directory is
+keyed by the torch version and by this CPU's instruction-set flags: hosts of one
+machine kind differ (AVX2-only, AVX-512, AVX512-BF16, AMX), and a build for one
+would crash with an illegal instruction on another that shares the home.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 from pathlib import Path
 
-_SOURCES = [Path(__file__).with_name("csrc") / "sparse_prefill_cpu.cpp"]
+_SOURCES = [Path(__file__).with_name("csrc") / "attention_cpu.cpp"]
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's instruction-set flags as the kernel reports them (``/proc/cpuinfo``), sorted."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return [platform.processor() or platform.machine()]
+
+
+def cpu_features() -> dict[str, bool]:
+    """The features the kernels and benchmarks care about, found at run time."""
+    flags = set(cpu_flags())
+    return {name: name in flags for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}
+
+
+def _build_tag() -> str:
+    import torch
+
+    flags = hashlib.sha1(" ".join(cpu_flags()).encode()).hexdigest()[:10]
+    return f"torch{torch.__version__}-{platform.machine()}-cpu{flags}".replace("+", "_")
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_ops():
-    import torch
     from torch.utils.cpp_extension import load
 
-    from fastctx.models import fastctx_home
+    from fastctx.default_model import fastctx_home
 
-    # Built with -march=native against this torch's ABI: key the build by both.
-    tag = f"torch{torch.__version__}-{platform.machine()}".replace("+", "_")
-    build_dir = fastctx_home() / "torch_extensions" / f"sparse_prefill_cpu-{tag}"
+    build_dir = fastctx_home() / "torch_extensions" / f"attention_cpu-{_build_tag()}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name="fastctx_sparse_prefill_cpu", sources=[str(s) for s in _SOURCES],
+    return load(name="fastctx_attention_cpu", sources=[str(s) for s in _SOURCES],
                 build_directory=str(build_dir),
                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
                 extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("FASTCTX_VERBOSE_BUILD")))

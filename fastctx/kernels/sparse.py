@@ -6,10 +6,13 @@ reads. ``SparseIndex`` holds that as, per (head, query block of
 ``block_q`` rows), contiguous key ranges ``[start, end)`` and single key
 columns; the causal limit (key position <= query position) applies on top.
 Queries are a chunk of ``q_len`` tokens that follows ``prefix`` cached tokens
-(chunked prefill), so the query at row ``i`` sits at position ``prefix + i``.
+(chunked prefill), so the query at row ``i`` sits at position ``prefix + i``,
+unless the index carries explicit ascending ``positions`` (scattered
+recomputed tokens), in which case row ``i`` sits at ``positions[i]``.
 
 ``reference_sparse_prefill_attention`` is the definition (masked dense
-softmax); ``sparse_prefill_attention`` the fast CPU path (C++ kernel).
+softmax); ``sparse_prefill_attention`` dispatches to the C++ kernel on CPU,
+the Triton kernel on CUDA, the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastctx.kernels.dense import _check, _join_prefix, reference_prefill_attention
+from fastctx.kernels.dense import _check, _join_prefix
 
 DEFAULT_BLOCK_Q = 64
 # The CPU kernel copies ranges shorter than this many keys into its column tiles
@@ -34,39 +37,36 @@ class SparseIndex:
     q_len: int
     prefix: int = 0
     block_q: int = DEFAULT_BLOCK_Q
+    positions: torch.Tensor | None = None  # [q_len] ascending query positions; None: prefix + row
 
     @property
     def num_blocks(self) -> int:
         return -(-self.q_len // self.block_q)
 
+    @property
+    def num_keys(self) -> int:
+        """Keys up to the last query's position (the chunk's context plus the chunk)."""
+        return self.prefix + self.q_len if self.positions is None else int(self.positions[-1]) + 1
+
+    def row_positions(self) -> torch.Tensor:
+        if self.positions is None:
+            return self.prefix + torch.arange(self.q_len)
+        return self.positions.long().cpu()
+
     def block_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """First and last query position of every block, each ``[R]``."""
-        first = self.prefix + torch.arange(self.num_blocks) * self.block_q
-        last = torch.clamp(first + self.block_q - 1, max=self.prefix + self.q_len - 1)
-        return first, last
+        """Position of the first and of the last query of every block, each ``[R]``."""
+        pos = self.row_positions()
+        starts = torch.arange(self.num_blocks) * self.block_q
+        return pos[starts], pos[torch.clamp(starts + self.block_q - 1, max=self.q_len - 1)]
 
     def mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``[H, len(rows), prefix + q_len]`` bool: the (query, key) pairs the index reads.
+        """``[H, len(rows), num_keys]`` bool: the (query, key) pairs the index reads.
 
         ``rows`` are query rows (0-based within the chunk); all rows by default.
         """
         rows = torch.arange(self.q_len) if rows is None else rows.long()
-        heads = self.ranges.shape[0]
-        tk = self.prefix + self.q_len
-        keys = torch.arange(tk)
-        block_of_row = rows // self.block_q
-        rng = self.ranges[:, block_of_row].long().clamp(0, tk)  # [H, rows, NR, 2]
-        # Coverage by a difference array: +1 where a range starts, -1 where it ends.
-        edges = torch.zeros(heads, len(rows), tk + 1, dtype=torch.int32)
-        nonempty = (rng[..., 1] > rng[..., 0]).int()
-        edges.scatter_add_(2, rng[..., 0], nonempty).scatter_add_(2, rng[..., 1], -nonempty)
-        keep = edges.cumsum(2)[..., :tk] > 0  # [H, rows, Tk]
-        cols = self.cols[:, block_of_row].long()  # [H, rows, NC]
-        hit = torch.zeros(heads, len(rows), tk + 1, dtype=torch.bool)
-        hit.scatter_(2, torch.where(cols < 0, tk, cols), True)
-        keep |= hit[..., :tk]
-        causal = keys[None, :] <= (self.prefix + rows)[:, None]
-        return keep & causal
+        block = rows // self.block_q
+        return rows_mask(self.ranges[:, block], self.cols[:, block], self.row_positions()[rows], self.num_keys)
 
     def density(self) -> float:
         """Share of the causal (query, key) pairs that the index reads (1.0 = dense)."""
@@ -75,43 +75,79 @@ class SparseIndex:
 
     def pair_counts(self) -> tuple[int, int]:
         """(query, key) pairs the index reads, and causal pairs, summed over heads."""
-        first, last = self.block_rows()
-        rows = self.prefix + torch.arange(self.q_len)
-        block_of_row = torch.arange(self.q_len) // self.block_q
-        rng = self.ranges[:, block_of_row].long()  # [H, Tq, NR, 2]
-        visible_end = torch.minimum(rng[..., 1], rows[None, :, None] + 1)
-        from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum((1, 2))
-        cols = self.cols.long()  # [H, R, NC]; ranges and columns never overlap
-        col_rows = (last[None, :, None] - torch.maximum(cols, first[None, :, None]) + 1).clamp(min=0)
-        from_cols = torch.where(cols >= 0, col_rows, 0).sum((1, 2))
-        causal = int((rows + 1).sum()) * self.ranges.shape[0]
-        return int((from_ranges + from_cols).sum()), causal
+        return index_pair_counts(self.ranges, self.cols, self.row_positions(), self.block_q)
+
+
+def rows_mask(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """``[H, n, num_keys]`` bool for ``n`` query rows, given each row's ranges ``[H, n, NR, 2]``,
+    columns ``[H, n, NC]`` and position ``[n]``: what the index reads, causal on top."""
+    heads, n = ranges.shape[:2]
+    rng = ranges.long().clamp(0, num_keys)
+    # Coverage by a difference array: +1 where a range starts, -1 where it ends.
+    edges = torch.zeros(heads, n, num_keys + 1, dtype=torch.int32)
+    nonempty = (rng[..., 1] > rng[..., 0]).int()
+    edges.scatter_add_(2, rng[..., 0], nonempty).scatter_add_(2, rng[..., 1], -nonempty)
+    keep = edges.cumsum(2)[..., :num_keys] > 0
+    c = cols.long()
+    hit = torch.zeros(heads, n, num_keys + 1, dtype=torch.bool)
+    hit.scatter_(2, torch.where((c < 0) | (c >= num_keys), num_keys, c), True)
+    keep |= hit[..., :num_keys]
+    return keep & (torch.arange(num_keys)[None, :] <= row_pos[:, None])
+
+
+def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, block_q: int,
+                      first_block: int = 0) -> tuple[int, int]:
+    """(read, causal) (query, key) pairs summed over heads, for query rows at ``row_pos`` (ascending)
+    in index blocks ``first_block, first_block + 1, ...`` of ``block_q`` rows. Ranges and columns of
+    one block never overlap (the index builders drop columns inside ranges)."""
+    heads = ranges.shape[0]
+    n = len(row_pos)
+    blocks = -(-n // block_q)
+    pos = row_pos.long()
+    rng = ranges[:, first_block + torch.arange(n) // block_q].long()  # [H, n, NR, 2]
+    visible_end = torch.minimum(rng[..., 1], pos[None, :, None] + 1)
+    from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()
+    # A column is read by the rows of its block at or after it: rows minus those before it.
+    padded = torch.full((blocks * block_q,), 1 << 62, dtype=torch.long)
+    padded[:n] = pos
+    block_pos = padded.view(blocks, block_q)  # ascending per block
+    col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
+    before = torch.searchsorted(block_pos[None].expand(heads, -1, -1).contiguous(), col.contiguous())
+    rows_in_block = torch.clamp(n - torch.arange(blocks) * block_q, max=block_q)
+    from_cols = torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum()
+    return int(from_ranges + from_cols), int((pos + 1).sum()) * heads
 
 
 def _no_cols(heads: int, blocks: int) -> torch.Tensor:
     return torch.full((heads, blocks, 1), -1, dtype=torch.int32)
 
 
-def dense_index(heads: int, q_len: int, prefix: int = 0, block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
-    probe = SparseIndex(torch.zeros(heads, 1, 1, 2, dtype=torch.int32), _no_cols(heads, 1), q_len, prefix, block_q)
-    _, last = probe.block_rows()
+def _block_rows(q_len: int, prefix: int, block_q: int, positions: torch.Tensor | None):
+    probe = SparseIndex(torch.zeros(1, 1, 1, 2, dtype=torch.int32), _no_cols(1, 1), q_len, prefix, block_q, positions)
+    return probe.block_rows()
+
+
+def dense_index(heads: int, q_len: int, prefix: int = 0, block_q: int = DEFAULT_BLOCK_Q,
+                positions: torch.Tensor | None = None) -> SparseIndex:
+    _, last = _block_rows(q_len, prefix, block_q, positions)
     ranges = torch.stack([torch.zeros_like(last), last + 1], -1)[None, :, None].expand(heads, -1, -1, -1)
-    return SparseIndex(ranges.int().contiguous(), _no_cols(heads, probe.num_blocks), q_len, prefix, block_q)
+    return SparseIndex(ranges.int().contiguous(), _no_cols(heads, len(last)), q_len, prefix, block_q, positions)
 
 
 def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int = 0,
-                    block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
-    """A-shape / StreamingLLM: the first ``sink`` keys plus the last ``local`` keys of every query."""
+                    block_q: int = DEFAULT_BLOCK_Q, positions: torch.Tensor | None = None) -> SparseIndex:
+    """A-shape at block granularity: the first ``sink`` keys plus the last ``local`` keys of each
+    block's first query (so later rows of a block read up to ``block_q - 1`` keys more). For the
+    exact per-query window, use a window read (``fastctx.kernels.attention.Read.window``)."""
     if sink < 0 or local < 1:
         raise ValueError(f"streaming needs sink >= 0 and local >= 1, got sink={sink} local={local}")
-    probe = dense_index(1, q_len, prefix, block_q)
-    first, last = probe.block_rows()
+    first, last = _block_rows(q_len, prefix, block_q, positions)
     local_start = (first - local + 1).clamp(min=0)
     sink_end = torch.minimum(torch.full_like(first, sink), local_start)
     ranges = torch.stack([torch.stack([torch.zeros_like(first), sink_end], -1),
                           torch.stack([local_start, last + 1], -1)], 1)  # [R, 2, 2]
     ranges = ranges[None].expand(heads, -1, -1, -1).int().contiguous()
-    return SparseIndex(ranges, _no_cols(heads, probe.num_blocks), q_len, prefix, block_q)
+    return SparseIndex(ranges, _no_cols(heads, len(first)), q_len, prefix, block_q, positions)
 
 
 def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int) -> torch.Tensor:
@@ -146,7 +182,7 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     heads = vertical.shape[0]
     if slash.shape[0] != heads:
         raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
-    first, last = dense_index(1, q_len, prefix, block_q).block_rows()
+    first, last = _block_rows(q_len, prefix, block_q, None)
     sizes = last - first + 1
     offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
     parts = []
@@ -168,7 +204,23 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
 
 def reference_sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                                        index: SparseIndex, scale: float | None = None) -> torch.Tensor:
-    return reference_prefill_attention(q, k_new, v_new, k_prefix, v_prefix, scale=scale, mask=index.mask())
+    k, v, _ = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
+    return reference_attention_rows(q, k, v, index.row_positions(), index.mask(), scale)
+
+
+def reference_attention_rows(q, k, v, row_pos: torch.Tensor, mask: torch.Tensor | None = None,
+                             scale: float | None = None) -> torch.Tensor:
+    """Softmax attention in float32 of queries at positions ``row_pos`` over keys ``0 .. Tk-1``,
+    causal, further restricted by ``mask`` (``[H or 1, Tq, Tk]`` bool, True = read) if given."""
+    _check(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[0] // k.shape[0]
+    scores = torch.einsum("htd,hsd->hts", q.float(), k.float().repeat_interleave(group, 0)) * scale
+    keep = torch.arange(k.shape[1])[None] <= row_pos.long()[:, None]
+    if mask is not None:
+        keep = keep & mask
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("hts,hsd->htd", probs, v.float().repeat_interleave(group, 0)).to(q.dtype)
 
 
 def reference_sparse_rows(q, k, v, *, index: SparseIndex, rows: torch.Tensor,
@@ -177,12 +229,7 @@ def reference_sparse_rows(q, k, v, *, index: SparseIndex, rows: torch.Tensor,
 
     For checking long sequences, where the full ``[H, Tq, Tk]`` mask would not fit in memory.
     """
-    _check(q, k, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    group = q.shape[0] // k.shape[0]
-    scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
-    probs = torch.softmax(scores.masked_fill(~index.mask(rows), float("-inf")), -1).nan_to_num(0.0)
-    return torch.einsum("hts,hsd->htd", probs, v.float().repeat_interleave(group, 0)).to(q.dtype)
+    return reference_attention_rows(q[:, rows], k, v, index.row_positions()[rows], index.mask(rows), scale)
 
 
 def attention_recall(q, k, *, index: SparseIndex, rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -194,7 +241,7 @@ def attention_recall(q, k, *, index: SparseIndex, rows: torch.Tensor, scale: flo
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[0] // k.shape[0]
     scores = torch.einsum("htd,hsd->hts", q[:, rows].float(), k.float().repeat_interleave(group, 0)) * scale
-    causal = torch.arange(k.shape[1])[None] <= (index.prefix + rows)[:, None]
+    causal = torch.arange(k.shape[1])[None] <= index.row_positions()[rows][:, None]
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
     return (probs * index.mask(rows)).sum(-1).mean(-1)
 
@@ -217,26 +264,41 @@ def joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index: SparseIndex):
 
     The prefix is whatever precedes the chunk's ``q_len`` keys, so callers that
     already hold the joined K/V pass them as ``k_new``/``v_new`` without a copy.
+    With explicit positions, the keys are everything up to the last query.
     """
     k, v, _ = _join_prefix(k_new, v_new, k_prefix, v_prefix)
     _check(q, k, v)
-    prefix = k.shape[1] - q.shape[1]
-    if (index.q_len, index.prefix) != (q.shape[1], prefix) or index.ranges.shape[0] != q.shape[0]:
+    if index.positions is None:
+        prefix = k.shape[1] - q.shape[1]
+        ok = (index.q_len, index.prefix) == (q.shape[1], prefix)
+    else:
+        prefix = index.prefix
+        ok = index.q_len == q.shape[1] and index.num_keys == k.shape[1]
+    if not ok or index.ranges.shape[0] != q.shape[0]:
         raise ValueError(f"index is for {index.ranges.shape[0]} heads, q_len={index.q_len}, "
-                         f"prefix={index.prefix}; got q{tuple(q.shape)} with prefix {prefix}")
+                         f"prefix={index.prefix}; got q{tuple(q.shape)} with {k.shape[1]} keys")
     return k, v, prefix
 
 
 def sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                              index: SparseIndex, scale: float | None = None) -> torch.Tensor:
-    """Fast CPU path: the C++ kernel in float32 (other dtypes are computed in float32)."""
-    from fastctx.kernels._cpu_ext import cpu_ops
+    """Sparse causal attention of one chunk (``[H, Tq, D]`` queries, ``[Hkv, Tk, D]`` keys): the C++
+    kernel on CPU, the Triton kernel on CUDA, the reference where neither can run."""
+    from fastctx.kernels import attention
 
-    k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
+    k, v, _ = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = cpu_ops().sparse_prefill(q.float().contiguous(), k.float().contiguous(), v.float().contiguous(),
-                                   index.ranges, index.cols, prefix, index.block_q, scale, GATHER_BELOW)
-    return out.to(q.dtype)
+    if q.is_cuda and attention.why_not_triton_sparse(q, index) is None:
+        from fastctx.kernels.sparse_triton import sparse_prefill_attention_triton
+
+        return sparse_prefill_attention_triton(q, k, v, index=index, scale=scale)
+    out = torch.empty_like(q)
+    positions = None if index.positions is None else index.positions.to(torch.int32).contiguous()
+    attention.paged_attention(
+        q.transpose(0, 1), attention.PagedKV.contiguous(k, v), attention.single_block_table(q.device),
+        [0, q.shape[1]], [k.shape[1]], [attention.Read.indexed(index)], scale=scale,
+        positions=positions, out=out.transpose(0, 1))
+    return out
 
 
 def block_mask_index(block_mask: torch.Tensor, block_k: int, q_len: int, prefix: int = 0,
@@ -271,11 +333,12 @@ def block_mask_index(block_mask: torch.Tensor, block_k: int, q_len: int, prefix:
 def concat_heads(indexes: list[SparseIndex]) -> SparseIndex:
     """One index over the heads of several (same chunk and block size), in order."""
     first = indexes[0]
-    if any((i.q_len, i.prefix, i.block_q) != (first.q_len, first.prefix, first.block_q) for i in indexes):
-        raise ValueError("indexes to concatenate must share q_len, prefix and block_q")
+    if any((i.q_len, i.prefix, i.block_q) != (first.q_len, first.prefix, first.block_q)
+           or (i.positions is None) != (first.positions is None) for i in indexes):
+        raise ValueError("indexes to concatenate must share q_len, prefix, positions and block_q")
     nr = max(i.ranges.shape[2] for i in indexes)
     nc = max(i.cols.shape[2] for i in indexes)
     ranges = torch.cat([torch.nn.functional.pad(i.ranges, (0, 0, 0, nr - i.ranges.shape[2]), value=_EMPTY)
                         for i in indexes])
     cols = torch.cat([torch.nn.functional.pad(i.cols, (0, nc - i.cols.shape[2]), value=-1) for i in indexes])
-    return SparseIndex(ranges, cols, first.q_len, first.prefix, first.block_q)
+    return SparseIndex(ranges, cols, first.q_len, first.prefix, first.block_q, first.positions)

@@ -44,7 +44,7 @@ def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: 
 
 
 @triton.jit
-def _sparse_prefill_kernel(Q, K, V, O, RANGES, COLS, q_len, prefix, scale,
+def _sparse_prefill_kernel(Q, K, V, Out, RANGES, COLS, q_len, prefix, scale,
                            num_blocks, group, n_ranges, n_cols, block_q,
                            stride_qh, stride_qt, stride_kh, stride_kt,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -83,7 +83,7 @@ def _sparse_prefill_kernel(Q, K, V, O, RANGES, COLS, q_len, prefix, scale,
         v_tile = tl.load(v_base + safe[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
         m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + h * stride_qh + rows[:, None] * stride_qt + dims[None, :], out.to(O.dtype.element_ty),
+    tl.store(Out + h * stride_qh + rows[:, None] * stride_qt + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
 
 
@@ -133,10 +133,12 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
 
 def last_query_sums_triton(q, k, prefix: int, last_q: int, scale: float | None = None,
                            block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``minference.last_query_sums``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
-    from fastctx.kernels.minference import check_chunk_keys
+    """Same contract as ``estimation.last_query_sums`` (contiguous keys); runs on CUDA tensors (or under
+    TRITON_INTERPRET)."""
+    from fastctx.kernels.estimation import check_chunk_keys
+    from fastctx.kernels.paged import SeqKV
 
-    check_chunk_keys(q, k, prefix)
+    check_chunk_keys(q, SeqKV.contiguous(k), prefix)
     heads, q_len, dim = q.shape
     _require_head_dim(dim)
     n, tk = min(last_q, q_len), k.shape[1]

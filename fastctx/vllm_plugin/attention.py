@@ -1,16 +1,19 @@
-"""fastctx attention backend for vLLM's CPU engine.
+"""fastctx attention backend for vLLM's CPU engine: translates metadata, nothing else.
 
-It wraps vLLM's ``CPU_ATTN``: decode tokens keep the stock paged kernel;
-every prefill request (a fresh prompt, a later chunk of a chunked prefill, or
-the remainder after a prefix-cache hit) is computed by the selected fastctx
-method over K/V read back from the paged cache. Cases this adapter does not
-translate (sliding window, ALiBi, soft-cap, sinks, fp8 KV, non-decoder
-attention, non-``vec`` cache layouts) stay entirely on the stock kernel.
+It wraps vLLM's ``CPU_ATTN``. Each step the builder adds the host copies of the
+batch layout and the decode/prefill split (vLLM puts decodes first); each layer's
+forward turns that into a ``fastctx.core.StepBatch`` and hands it to the engine's
+``AttentionRuntime`` (bound by fastctx's worker), which runs the configured
+prefill and decode methods over K/V read in place from vLLM's paged cache.
+Decodes stay on vLLM's kernel unless a decode method is configured.
+
+Layers or batches this adapter cannot translate (sliding window, ALiBi,
+soft-cap, sinks, fp8 KV, non-decoder attention, fused output quantization)
+run vLLM's own kernel; the reason is logged once per layer.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,20 +30,17 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from fastctx.config import FastctxConfig
-from fastctx.methods import DensityStats, PrefillMethod, build_prefill_method
-from fastctx.vllm_plugin.paged_kv import gather_context_kv
+from fastctx.core import AttentionRuntime, StepBatch, count_decodes
+from fastctx.methods import ModelShape
+from fastctx.vllm_plugin.paged_kv import READABLE_ISAS, cpu_paged_kv, why_not_readable
 
 # Under the "vllm" logger tree so messages follow vLLM's own log config.
 logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
 
-# Layouts whose K/V blocks gather_context_kv can read (K transposed per block).
-_READABLE_ISAS = ("vec", "vec16")
-
 
 @dataclass
 class StepStats:
-    """What the backend computed, counted once per engine step (not per layer)."""
+    """What the backend saw, counted once per engine step (not per layer)."""
 
     steps: int = 0
     decode_tokens: int = 0
@@ -80,29 +80,36 @@ class FastctxCPUAttentionMetadata(CPUAttentionMetadata):
     decode_scheduler_metadata: torch.Tensor | None = None
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    fallback: str | None = None  # why this batch runs on vLLM's kernel
 
 
 class FastctxCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
-    # Requests with one query token (decodes) are put first in the batch, so
-    # the stock kernel gets a contiguous decode sub-batch.
-    reorder_batch_threshold = 1
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first (with speculative decoding: requests of up to 1 + k queries), so the
+        # engine's kernel and decode methods get a contiguous decode sub-batch.
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
+        if self.isa not in READABLE_ISAS and self.isa == "amx" and self.block_size % 32 == 0:
+            # AMX pre-packs K/V tiles in a layout fastctx does not read; vLLM's "vec" layout holds
+            # bf16 as well, and its kernels read it.
+            logger.info_once("fastctx: KV cache in vLLM's 'vec' layout instead of 'amx' (readable in place)")
+            self.isa = "vec"
+            self._set_isa_to_layers(layer_names)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         meta = FastctxCPUAttentionMetadata(**vars(base))
-        if not self._translatable(meta):
+        meta.fallback = self._why_not(meta)
+        if meta.fallback:
             return meta
         qsl = common_attn_metadata.query_start_loc_cpu.tolist()
         seq_lens = meta.seq_lens.tolist()
         query_lens = [b - a for a, b in zip(qsl, qsl[1:])]
-        nd = 0
-        while nd < len(query_lens) and query_lens[nd] == 1:
-            nd += 1
+        nd = count_decodes(query_lens, self.reorder_batch_threshold or 1)
         meta.num_decodes, meta.num_decode_tokens = nd, qsl[nd]
         meta.query_start_loc_host, meta.seq_lens_host = qsl, seq_lens
         if 0 < nd < len(query_lens):
-            # The stock work partition covers the whole batch; the decode
-            # sub-batch needs its own.
+            # The stock work partition covers the whole batch; the decode sub-batch needs its own.
             meta.decode_scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
                 num_reqs=nd, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                 head_dim=self.head_dim, seq_lens=meta.seq_lens[:nd], dtype=self.dtype,
@@ -110,23 +117,29 @@ class FastctxCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 sliding_window_size=self.window_size, isa=self.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
                 kv_cache_dtype=self.kv_cache_dtype)
-        self._count(query_lens[nd:], seq_lens[nd:], qsl[nd])
+        _count_step(query_lens[nd:], seq_lens[nd:], qsl[nd])
         return meta
 
-    def _translatable(self, meta) -> bool:
-        return (meta.causal is True and meta.dynamic_causal is None
-                and meta.encoder_cache is None and self.isa in _READABLE_ISAS
-                and self.window_size == -1 and self.kv_cache_dtype == "auto")
+    def _why_not(self, meta) -> str | None:
+        if meta.causal is not True or meta.dynamic_causal is not None or meta.encoder_cache is not None:
+            return "non-causal or encoder attention"
+        if self.isa not in READABLE_ISAS:
+            return f"KV cache layout of ISA {self.isa!r} is not readable in place"
+        if self.window_size != -1:
+            return "sliding-window layers"
+        if self.kv_cache_dtype != "auto":
+            return f"kv_cache_dtype {self.kv_cache_dtype}"
+        return None
 
-    @staticmethod
-    def _count(prefill_q_lens, prefill_seq_lens, decode_tokens) -> None:
-        STATS.steps += 1
-        STATS.decode_tokens += decode_tokens
-        STATS.prefill_requests += len(prefill_q_lens)
-        STATS.prefill_tokens += sum(prefill_q_lens)
-        STATS.prefix_prefills += sum(s > q for q, s in zip(prefill_q_lens, prefill_seq_lens))
-        STATS.mixed_steps += bool(decode_tokens and prefill_q_lens)
-        STATS.history.append((decode_tokens, list(zip(prefill_q_lens, prefill_seq_lens))))
+
+def _count_step(prefill_q_lens, prefill_seq_lens, decode_tokens) -> None:
+    STATS.steps += 1
+    STATS.decode_tokens += decode_tokens
+    STATS.prefill_requests += len(prefill_q_lens)
+    STATS.prefill_tokens += sum(prefill_q_lens)
+    STATS.prefix_prefills += sum(s > q for q, s in zip(prefill_q_lens, prefill_seq_lens))
+    STATS.mixed_steps += bool(decode_tokens and prefill_q_lens)
+    STATS.history.append((decode_tokens, list(zip(prefill_q_lens, prefill_seq_lens))))
 
 
 class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -135,86 +148,105 @@ class FastctxCPUAttentionImpl(CPUAttentionBackendImpl):
 
         if not current_platform.is_cpu():
             raise NotImplementedError(
-                "fastctx's attention backend runs on vLLM's CPU engine only in this release; "
-                "drop --attention-backend CUSTOM on GPU until its Triton kernels land")
+                "fastctx's vLLM attention backend runs on vLLM's CPU engine only in this release; "
+                "drop --attention-backend CUSTOM on GPU")
         super().__init__(*args, **kwargs)
         from fastctx.vllm_plugin.platform import validate
 
-        vllm_config = get_current_vllm_config()
-        self.fastctx_config = validate(vllm_config)
-        self.prefill = prefill_method(vllm_config, self.fastctx_config)
-        self.layer_index: int | None = None
-        self.translatable = (
-            self.attn_type == AttentionType.DECODER and self.alibi_slopes is None
-            and self.sliding_window == -1 and not self.logits_soft_cap
-            and self.sinks is None and not self.is_fp8_kv_cache
-            and self.kv_sharing_target_layer_name is None)
+        self.fastctx_config = validate(get_current_vllm_config())
+        self.runtime: AttentionRuntime | None = None  # bound by fastctx's worker after the model loads
+        self.layer_index = -1
+        self.layer_name = ""
+        self._request_ids = None
+        self._logged = False
+        self.fallback = self._why_not_layer()
+
+    def _why_not_layer(self) -> str | None:
+        if self.attn_type != AttentionType.DECODER:
+            return f"{self.attn_type} attention"
+        for what, present in (("ALiBi", self.alibi_slopes is not None),
+                              ("sliding window", self.sliding_window != -1),
+                              ("logit soft-cap", bool(self.logits_soft_cap)),
+                              ("attention sinks", self.sinks is not None),
+                              ("fp8 KV cache", self.is_fp8_kv_cache)):
+            if present:
+                return f"{what} is not translated"
+        return None
+
+    def bind(self, runtime: AttentionRuntime, layer_index: int, layer_name: str, request_ids) -> None:
+        """Called by fastctx's worker: the engine's runtime, this layer's place among the engine's
+        attention layers, and a callable giving the batch's request ids (or None)."""
+        self.runtime, self.layer_index = runtime, layer_index
+        self.layer_name, self._request_ids = layer_name, request_ids
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         meta = attn_metadata
-        if (meta is None or output_scale is not None or output_block_scale is not None
-                or not self.translatable or getattr(meta, "query_start_loc_host", None) is None
-                or getattr(layer, "isa", None) not in _READABLE_ISAS
-                or meta.num_decodes == len(meta.seq_lens_host)):
+        if meta is None:  # warm-up
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        why = (self.fallback or getattr(meta, "fallback", "metadata from another backend")
+               or ("fused output quantization" if output_scale is not None or output_block_scale is not None else None)
+               or ("not bound to a fastctx runtime (fastctx's worker did not load this model)" if self.runtime is None
+                   else None)
+               or why_not_readable(kv_cache, getattr(layer, "isa", None)))
+        if why:
+            if not self._logged:
+                logger.warning("fastctx: layer %s runs vLLM's attention kernel: %s", layer.layer_name, why)
+                self._logged = True
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        nd, seq_lens = meta.num_decodes, meta.seq_lens_host
+        runtime = self.runtime
+        if runtime.engine_decodes and nd == len(seq_lens):  # a decode-only step: nothing for fastctx
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if runtime.engine_decodes and nd:
+            self._engine_decodes(layer, query, kv_cache, meta, output)
+        n = meta.num_actual_tokens
+        batch = StepBatch(query=query[:n], kv=cpu_paged_kv(kv_cache), block_table=meta.block_table,
+                          query_start=meta.query_start_loc_host, seq_lens=seq_lens, num_decodes=nd,
+                          request_ids=self._request_ids(len(seq_lens)))
+        runtime.forward(batch, self.layer_index, self.scale, output[:n].view(n, self.num_heads, self.head_size))
+        return output
+
+    def _engine_decodes(self, layer, query, kv_cache, meta, output) -> None:
         nb, hkv, bs, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(nb, hkv, 2 * bs, -1).chunk(2, dim=2)
         nd, ndt = meta.num_decodes, meta.num_decode_tokens
-        if nd:
-            ops.cpu_attention_with_kv_cache(
-                query=query[:ndt], key_cache=key_cache, value_cache=value_cache,
-                output=output[:ndt], query_start_loc=meta.query_start_loc[:nd + 1],
-                seq_lens=meta.seq_lens[:nd], scale=self.scale, causal=True,
-                alibi_slopes=None, sliding_window=-1, block_table=meta.block_table[:nd],
-                softcap=0, scheduler_metadata=meta.decode_scheduler_metadata, s_aux=None,
-                dynamic_causal=None, k_scale=layer._k_scale_float,
-                v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
-        if self.layer_index is None:
-            self.layer_index = _layer_number(layer.layer_name)
-        qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
-        out_view = output.view(output.shape[0], self.num_heads, self.head_size)
-        for i in range(nd, len(seq_lens)):
-            start, end = qsl[i], qsl[i + 1]
-            context = seq_lens[i] - (end - start)
-            k_prefix = v_prefix = None
-            if context:
-                k_prefix, v_prefix = gather_context_kv(
-                    key_cache, value_cache, meta.block_table[i], context)
-            out = self.prefill(
-                query[start:end].transpose(0, 1), key[start:end].transpose(0, 1),
-                value[start:end].transpose(0, 1), k_prefix, v_prefix, scale=self.scale,
-                layer=self.layer_index)
-            out_view[start:end].copy_(out.transpose(0, 1))
-        return output
+        ops.cpu_attention_with_kv_cache(
+            query=query[:ndt], key_cache=key_cache, value_cache=value_cache,
+            output=output[:ndt], query_start_loc=meta.query_start_loc[:nd + 1],
+            seq_lens=meta.seq_lens[:nd], scale=self.scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=meta.block_table[:nd],
+            softcap=0, scheduler_metadata=meta.decode_scheduler_metadata, s_aux=None,
+            dynamic_causal=None, k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
 
 
-# One prefill method per distinct fastctx config in this process, shared by
-# every layer of an engine (so its density counts cover the whole model).
-_METHODS: dict[FastctxConfig, PrefillMethod] = {}
+def bind_attention_layers(vllm_config, model_runner) -> AttentionRuntime | None:
+    """Give every fastctx attention layer of an engine its runtime and its index among the engine's
+    attention layers (in model order, so hybrid models count only attention). Fails when every
+    layer would fall back to vLLM's kernel, naming why."""
+    layers = [(name, layer) for name, layer in vllm_config.compilation_config.static_forward_context.items()
+              if isinstance(getattr(layer, "impl", None), FastctxCPUAttentionImpl)]
+    if not layers:
+        return None
+    first = layers[0][1].impl
+    shape = ModelShape(num_layers=len(layers), num_heads=first.num_heads, num_kv_heads=first.num_kv_heads,
+                       head_dim=first.head_size)
+    runtime = AttentionRuntime(first.fastctx_config, shape)
 
+    def request_ids(num_reqs: int) -> list[str] | None:
+        ids = model_runner.input_batch.req_ids
+        return list(ids[:num_reqs]) if len(ids) >= num_reqs else None
 
-def prefill_method(vllm_config, cfg: FastctxConfig) -> PrefillMethod:
-    if cfg not in _METHODS:
-        model = vllm_config.model_config
-        _METHODS[cfg] = build_prefill_method(cfg, model.get_num_layers(vllm_config.parallel_config),
-                                             model.get_num_attention_heads(vllm_config.parallel_config))
-        logger.info("fastctx attention: prefill method %r, config %s", cfg.attention, cfg.as_dict())
-    return _METHODS[cfg]
-
-
-def density_stats(reset: bool = False) -> list[dict]:
-    """Achieved attention density of each prefill method in this process so far."""
-    stats = [{"method": m.name, "config": cfg.as_dict(), **m.stats.as_dict()} for cfg, m in _METHODS.items()]
-    if reset:
-        for method in _METHODS.values():
-            method.stats = DensityStats()
-    return stats
-
-
-def _layer_number(layer_name: str) -> int:
-    match = re.search(r"\.(\d+)\.", layer_name)
-    if match is None:
-        raise ValueError(f"fastctx: cannot find the layer number in attention layer name {layer_name!r}")
-    return int(match.group(1))
+    for index, (name, layer) in enumerate(layers):
+        layer.impl.bind(runtime, index, name, request_ids)
+    reasons = {name: layer.impl.fallback for name, layer in layers if layer.impl.fallback}
+    if len(reasons) == len(layers):
+        raise RuntimeError("fastctx: every attention layer would run vLLM's own kernel, so the fastctx config "
+                           "would do nothing: " + "; ".join(f"{n}: {why}" for n, why in reasons.items()))
+    logger.info("fastctx attention: %d layers, prefill %r, decode %r, config %s", len(layers),
+                runtime.config.attention, runtime.config.decode, runtime.config.as_dict())
+    return runtime

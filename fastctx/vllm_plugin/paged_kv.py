@@ -1,29 +1,35 @@
-"""Reading K/V back from vLLM's CPU paged cache.
+"""vLLM's CPU paged KV cache as fastctx's ``PagedKV``, read in place.
 
 Per layer the cache is ``[blocks, kv_heads, block_size, 2 * head_dim]``; each
 (block, head) region holds K then V. With the ``vec``/``vec16`` ISAs, K is
-stored transposed (``[head_dim, block_size]``) and V row-major
-(``[block_size, head_dim]``). Writes always go through vLLM's own
-``cpu_attn_reshape_and_cache``.
+stored dims-major (``[head_dim, block_size]``) and V row-major
+(``[block_size, head_dim]``); the views below give both the logical
+``[blocks, kv_heads, block_size, head_dim]`` shape without copying. Writes
+always go through vLLM's own ``cpu_attn_reshape_and_cache``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastctx.kernels.paged import PagedKV
 
-def gather_context_kv(key_cache: torch.Tensor, value_cache: torch.Tensor,
-                      block_row: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a request's first ``num_tokens`` tokens, each ``[kv_heads, num_tokens, head_dim]``.
+READABLE_ISAS = ("vec", "vec16")
 
-    ``key_cache``/``value_cache`` are the halves ``[blocks, kv_heads, block_size, head_dim]``
-    of the layer's cache; ``block_row`` is the request's row of the block table.
-    """
-    _, heads, block_size, dim = key_cache.shape
-    n = -(-num_tokens // block_size)
-    blocks = block_row[:n].long()
-    k = key_cache[blocks].view(n, heads, dim, block_size).permute(1, 0, 3, 2)
-    v = value_cache[blocks].permute(1, 0, 2, 3)
-    k = k.reshape(heads, n * block_size, dim)[:, :num_tokens]
-    v = v.reshape(heads, n * block_size, dim)[:, :num_tokens]
-    return k, v
+
+def why_not_readable(kv_cache: torch.Tensor, isa: str | None) -> str | None:
+    if isa not in READABLE_ISAS:
+        return f"KV cache layout of ISA {isa!r} is not readable in place"
+    if kv_cache.dim() != 4 or kv_cache.stride(3) != 1 or kv_cache.stride(2) != kv_cache.shape[3]:
+        return f"unexpected KV cache shape/strides {tuple(kv_cache.shape)}/{kv_cache.stride()}"
+    return None
+
+
+def cpu_paged_kv(kv_cache: torch.Tensor) -> PagedKV:
+    blocks, heads, block_size, two_dim = kv_cache.shape
+    dim = two_dim // 2
+    sb, sh = kv_cache.stride(0), kv_cache.stride(1)
+    offset = kv_cache.storage_offset()
+    key = kv_cache.as_strided((blocks, heads, block_size, dim), (sb, sh, 1, block_size), offset)
+    value = kv_cache.as_strided((blocks, heads, block_size, dim), (sb, sh, dim, 1), offset + block_size * dim)
+    return PagedKV(key, value)

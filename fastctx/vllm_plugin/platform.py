@@ -3,7 +3,9 @@
 vLLM's stock ``CpuPlatform`` logs "Cannot use CUSTOM backend on CPU" and runs
 its own kernel. ``detect`` (a ``vllm.platforms`` entry point) activates this
 subclass exactly where vLLM would have picked the plain CPU platform, so on a
-GPU machine nothing changes. It also validates the ``fastctx`` section of
+GPU machine nothing changes. When the fastctx backend is selected it also picks
+fastctx's worker (which tells the backend which requests a batch holds and when
+they finish), and it validates the ``fastctx`` section of
 ``--additional-config`` while the config is built, so a bad key stops the
 server before any engine process starts.
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
+from vllm.utils.import_utils import resolve_obj_by_qualname
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-from fastctx.config import FastctxConfigError, FastctxConfig, has_section
-from fastctx.vllm_plugin import ATTENTION_BACKEND
+from fastctx.config import FastctxConfig, FastctxConfigError, has_section
+from fastctx.vllm_plugin import ATTENTION_BACKEND, WORKER_CLS, version_problem
 
 _STOCK_CPU = "vllm.platforms.cpu.CpuPlatform"
 
@@ -26,7 +29,7 @@ logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
 def detect() -> str | None:
     from vllm.platforms import cpu_platform_plugin
 
-    if cpu_platform_plugin() == _STOCK_CPU:
+    if cpu_platform_plugin() == _STOCK_CPU and version_problem() is None:
         return "fastctx.vllm_plugin.platform.FastctxCpuPlatform"
     return None
 
@@ -35,12 +38,24 @@ def validate(vllm_config) -> FastctxConfig:
     """The fastctx config of an engine, or FastctxConfigError."""
     extra = vllm_config.additional_config
     cfg = FastctxConfig.from_additional_config(extra)
-    backend = vllm_config.attention_config.backend
-    if has_section(extra) and backend != AttentionBackendEnum.CUSTOM:
+    selected = vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM
+    if has_section(extra) and not selected:
         raise FastctxConfigError(
             "fastctx config given in --additional-config, but the fastctx attention backend "
             "is not selected: add --attention-backend CUSTOM")
+    worker = vllm_config.parallel_config.worker_cls
+    if selected and worker not in (WORKER_CLS, "auto") and not _is_fastctx_worker(worker):
+        raise FastctxConfigError(
+            f"fastctx config: --worker-cls {worker} is not fastctx's worker; the fastctx backend needs it (it names "
+            f"a batch's requests and frees their state): drop --worker-cls or subclass {WORKER_CLS}")
     return cfg
+
+
+def _is_fastctx_worker(qualname: str) -> bool:
+    from fastctx.vllm_plugin.worker import FastctxCPUWorker
+
+    cls = resolve_obj_by_qualname(qualname)
+    return isinstance(cls, type) and issubclass(cls, FastctxCPUWorker)
 
 
 class FastctxCpuPlatform(CpuPlatform):
@@ -54,5 +69,8 @@ class FastctxCpuPlatform(CpuPlatform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
+        parallel = vllm_config.parallel_config
+        if vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM and parallel.worker_cls == "auto":
+            parallel.worker_cls = WORKER_CLS
         super().check_and_update_config(vllm_config)
         validate(vllm_config)

@@ -1,19 +1,49 @@
-"""Worker extension: lets the engine's owner read what the fastctx backend measured.
+"""fastctx's vLLM worker: binds the attention layers to their runtime and frees request state.
 
-Pass ``worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension"``
-(``--worker-extension-cls`` on the server), then ``llm.collective_rpc("fastctx_density")``;
-a server started with ``VLLM_SERVER_DEV_MODE=1`` answers
-``POST /collective_rpc {"method": "fastctx_density", "args": ["reset"]}``.
+The fastctx CPU platform selects ``FastctxCPUWorker`` whenever the fastctx
+backend is (``--attention-backend CUSTOM``) and ``--worker-cls`` is left at
+``auto``. After the model loads it gives every fastctx attention layer the
+engine's ``AttentionRuntime`` and its index among the engine's attention layers;
+before each step it frees the state of finished and preempted requests.
+
+``FastctxWorkerExtension`` lets the engine's owner read what the runtime
+measured: ``llm.collective_rpc("fastctx_density")``, or with
+``VLLM_SERVER_DEV_MODE=1`` ``POST /collective_rpc {"method": "fastctx_density",
+"args": ["reset"]}``. Passing it as ``--worker-extension-cls`` is harmless with
+fastctx's worker (which already has it) and answers ``[]`` on a stock worker.
 """
 
 from __future__ import annotations
 
+from vllm.v1.worker.cpu_worker import CPUWorker
+
 
 class FastctxWorkerExtension:
     def fastctx_density(self, reset: bool | str = False) -> list[dict]:
-        """Achieved attention density of each fastctx prefill method in this worker;
-        ``reset`` (True, or the string "reset" over HTTP, which carries only strings)
-        starts the counts afresh after reading them."""
-        from fastctx.vllm_plugin.attention import density_stats
+        """Achieved attention density per phase fastctx handled in this worker; ``reset`` (True, or
+        the string "reset" over HTTP, which carries only strings) starts the counts afresh."""
+        runtime = getattr(self, "fastctx_runtime", None)
+        return runtime.density(reset=reset in (True, "reset")) if runtime is not None else []
 
-        return density_stats(reset=reset in (True, "reset"))
+    def fastctx_live_requests(self) -> list[str]:
+        """Requests holding per-request method state in this worker."""
+        runtime = getattr(self, "fastctx_runtime", None)
+        return runtime.states.live() if runtime is not None else []
+
+
+class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
+    fastctx_runtime = None
+
+    def load_model(self, *args, **kwargs):
+        from fastctx.vllm_plugin.attention import bind_attention_layers
+
+        result = super().load_model(*args, **kwargs)
+        self.fastctx_runtime = bind_attention_layers(self.vllm_config, self.model_runner)
+        return result
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if self.fastctx_runtime is not None:
+            done = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+            if done:
+                self.fastctx_runtime.free(done)
+        return super().execute_model(scheduler_output, *args, **kwargs)

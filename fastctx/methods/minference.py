@@ -20,14 +20,18 @@ from pathlib import Path
 
 import torch
 
-from fastctx.kernels.dense import _check
+from fastctx.kernels.attention import Read
+from fastctx.kernels.estimation import last_query_sums, pool_blocks, pooled_keys
+from fastctx.kernels.paged import SeqKV, as_seq
 from fastctx.kernels.sparse import (
     DEFAULT_BLOCK_Q,
     SparseIndex,
     block_mask_index,
+    concat_heads,
     streaming_index,
     vertical_slash_index,
 )
+from fastctx.methods.base import Method, PrefillChunk, knob, register, require
 
 LAST_Q = 64
 SINK_COLUMNS = 30
@@ -41,26 +45,30 @@ BLOCK = 64
 
 @dataclass(frozen=True)
 class MInferenceParams:
-    pattern_config: str | None = None  # MInference per-head JSON; None = every head vertical-slash
-    last_q: int = LAST_Q
-    v_size: int = DEFAULT_PATTERN[1]  # budgets of heads the config does not name
-    s_size: int = DEFAULT_PATTERN[2]
-    block_size: int = DEFAULT_BLOCK_Q  # query rows per index block of vertical-slash and A-shape heads
+    pattern_config: str | None = knob(
+        None, "MInference per-head pattern JSON (a published file or one from `fastctx minference search`); "
+        "null: every head vertical-slash with the budgets below. Checked against the model's layer/head counts")
+    last_q: int = knob(LAST_Q, "queries used to estimate the index")
+    v_size: int = knob(DEFAULT_PATTERN[1], "vertical (column) budget of heads the pattern file does not name "
+                       "(MInference's 1000 is sized for 128K contexts: dense on an 8K model)")
+    s_size: int = knob(DEFAULT_PATTERN[2], "slash (diagonal) budget of heads the pattern file does not name "
+                       "(MInference's default 6096)")
+    block_size: int = knob(DEFAULT_BLOCK_Q, "query rows per index block, 16/32/64/128 (MInference's 64); each "
+                           "slash line costs about this many keys per query, so 32 makes slash-heavy heads cheaper")
 
     def __post_init__(self):
-        if self.block_size not in (16, 32, 64, 128):
-            raise ValueError(f"minference block_size={self.block_size} must be 16, 32, 64 or 128 "
-                             "(MInference uses 64; 32 halves the cost of each slash line)")
-        if self.last_q < 1:
-            raise ValueError(f"minference last_q={self.last_q} must be >= 1 (MInference uses 64)")
-        if self.v_size < 1 or self.s_size < 1:
-            raise ValueError(f"minference v_size/s_size must be >= 1, got {self.v_size}/{self.s_size} "
-                             "(MInference's default is 1000/6096)")
-        if self.pattern_config is not None and not Path(self.pattern_config).is_file():
-            raise ValueError(f"minference pattern_config {self.pattern_config!r} is not a file; "
-                             "create one with `fastctx minference search` or drop the key")
+        require(self.block_size in (16, 32, 64, 128),
+                f"block_size={self.block_size!r} must be 16, 32, 64 or 128 "
+                "(MInference uses 64; 32 halves the cost of each slash line)")
+        require(isinstance(self.last_q, int) and self.last_q >= 1,
+                f"last_q={self.last_q!r} must be >= 1 (MInference uses 64)")
+        require(isinstance(self.v_size, int) and isinstance(self.s_size, int) and self.v_size >= 1 and self.s_size >= 1,
+                f"v_size/s_size must be >= 1, got {self.v_size!r}/{self.s_size!r} (MInference's default is 1000/6096)")
+        require(self.pattern_config is None or Path(self.pattern_config).is_file(),
+                f"pattern_config={self.pattern_config!r} is not a file; create one with "
+                "`fastctx minference search` or drop the key")
 
-    def layer_patterns(self, num_layers: int, num_heads: int) -> list[list["HeadPattern"]]:
+    def layer_patterns(self, num_layers: int, num_heads: int) -> list[list[HeadPattern]]:
         if self.pattern_config is None:
             return [[HeadPattern("vertical_and_slash", self.v_size, self.s_size)] * num_heads] * num_layers
         return load_pattern_config(self.pattern_config, num_layers, num_heads,
@@ -74,79 +82,17 @@ class HeadPattern:
     s: int  # slash budget or A-shape local window
 
 
-def _scores_last_queries(q, k, prefix, last_q, scale):
-    """Softmax of the last ``last_q`` chunk queries over all keys, ``[H, n, Tk]`` fp32, and their positions."""
-    heads, q_len, dim = q.shape
-    n = min(last_q, q_len)
-    group = heads // k.shape[0]
-    scale = dim ** -0.5 if scale is None else scale
-    pos = prefix + q_len - n + torch.arange(n)
-    # Grouped so that each KV head's keys are read once, never copied per query head.
-    q_grouped = (q[:, -n:].float() * scale).reshape(k.shape[0], group * n, dim)
-    scores = torch.bmm(q_grouped, k.float().transpose(1, 2)).view(heads, n, -1)
-    scores = scores.masked_fill(torch.arange(k.shape[1])[None, None] > pos[None, :, None], float("-inf"))
-    return torch.softmax(scores, -1), pos
-
-
-def diagonal_sums(probs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """``[H, Tk]``: attention mass on each diagonal offset (query position - key position).
-
-    ``probs`` are the last queries of a chunk (consecutive positions ending at
-    key ``Tk - 1``), with zero mass on masked keys.
-    """
-    heads, n, tk = probs.shape
-    if int(pos[-1]) != tk - 1 or n > 1 and not bool((pos.diff() == 1).all()):
-        raise ValueError("diagonal_sums expects consecutive query positions ending at the last key")
-    # Row i's key d - (n - 1 - i) lies on the diagonal of the last row's key d:
-    # after n zeros of left padding it sits at column d + i + 1, so one strided
-    # view lines every row up; the sums come out indexed by d = Tk - 1 - offset.
-    padded = torch.nn.functional.pad(probs, (n, 0)).contiguous()  # [H, n, Tk + n]
-    skewed = padded.as_strided((heads, n, tk), (n * (tk + n), tk + n + 1, 1), 1)
-    return skewed.sum(1).flip(-1)
-
-
-def reference_last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
-    """``(vertical [H, Tk], slash [H, Tk])``: the attention mass of the chunk's last ``last_q``
-    queries on each key column and on each diagonal offset, summed over those queries."""
-    probs, pos = _scores_last_queries(q, k, prefix, last_q, scale)
-    return probs.sum(1), diagonal_sums(probs, pos)
-
-
-def check_chunk_keys(q, k, prefix: int) -> None:
-    """The fused sums read raw memory: shapes must fit, and the keys end at the chunk's last query."""
-    _check(q, k, k)
-    if k.shape[1] != prefix + q.shape[1]:
-        raise ValueError(f"the chunk's keys must end at its last query: {k.shape[1]} keys for "
-                         f"prefix {prefix} + {q.shape[1]} queries")
-
-
-def last_query_sums(q, k, prefix: int, last_q: int, scale: float | None = None):
-    """``reference_last_query_sums`` without the ``[H, last_q, Tk]`` probabilities: fused in C++
-    on CPU, in Triton on CUDA (power-of-two head_dim)."""
-    check_chunk_keys(q, k, prefix)
-    if q.is_cuda:
-        from fastctx.kernels.sparse_triton import last_query_sums_triton, triton_head_dim
-
-        if triton_head_dim(q.shape[-1]):
-            return last_query_sums_triton(q, k, prefix, last_q, scale)
-    if q.device.type != "cpu":
-        return reference_last_query_sums(q, k, prefix, last_q, scale)
-    from fastctx.kernels._cpu_ext import cpu_ops
-
-    n = min(last_q, q.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return cpu_ops().last_query_sums(q[:, -n:].float().contiguous(), k.float().contiguous(), scale)
-
-
-def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
-                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def vertical_slash(q, k: torch.Tensor | SeqKV, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_Q,
+                   scale: float | None = None, kv_head_of: torch.Tensor | None = None):
     """Key columns ``[H, NV]`` and diagonal offsets ``[H, NS]`` for vertical-slash heads.
 
-    ``v_size``/``s_size`` are ints or per-head ``[H]`` budgets.
+    ``v_size``/``s_size`` are ints or per-head ``[H]`` budgets; ``kv_head_of`` maps each query head
+    to its KV head when ``q`` holds a subset of a layer's heads.
     """
     heads = q.shape[0]
-    tk = k.shape[1]
-    vertical, slash = last_query_sums(q, k, prefix, last_q, scale)
+    seq = as_seq(k)
+    tk = seq.length
+    vertical, slash = last_query_sums(q, seq, prefix, last_q, scale, kv_head_of)
     vertical[:, :SINK_COLUMNS] = float("inf")
     slash[:, :LOCAL_DIAGONALS] = float("inf")
     v_size = torch.as_tensor(v_size).expand(heads).clamp(min=MIN_VERTICAL).clamp(max=tk)
@@ -160,27 +106,16 @@ def vertical_slash(q, k, v_size, s_size, *, prefix: int = 0, last_q: int = LAST_
     return v_idx, s_idx
 
 
-def pool_blocks(x: torch.Tensor, block: int, op: str = "mean") -> torch.Tensor:
-    """Sum or mean over consecutive blocks of the token axis: ``[..., T, C]`` -> ``[..., ceil(T/block), C]``.
-
-    The last, partial block is averaged over its real tokens only.
-    """
-    t = x.shape[-2]
-    n = -(-t // block)
-    summed = torch.nn.functional.pad(x, (0, 0, 0, n * block - t)).unflatten(-2, (n, block)).sum(-2)
-    if op == "sum":
-        return summed
-    counts = torch.clamp(t - torch.arange(n) * block, max=block).to(x.dtype)
-    return summed / counts[:, None]
-
-
-def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, block: int = BLOCK) -> torch.Tensor:
+def block_sparse_mask(q, k: torch.Tensor | SeqKV, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0,
+                      block: int = BLOCK, kv_head_of: torch.Tensor | None = None) -> torch.Tensor:
     """``[H, R, NKB]`` bool: each query block's top-k key blocks by mean-pooled Q.K (plus its diagonal)."""
     heads, q_len, _ = q.shape
-    nqb, nkb = -(-q_len // block), -(-k.shape[1] // block)
-    group = heads // k.shape[0]
-    qp, kp = pool_blocks(q.float(), block), pool_blocks(k.float(), block)
-    scores = torch.einsum("hrd,hbd->hrb", qp, kp.repeat_interleave(group, 0))
+    seq = as_seq(k)
+    nqb, nkb = -(-q_len // block), -(-seq.length // block)
+    if kv_head_of is None:
+        kv_head_of = torch.arange(heads) // (heads // seq.kv_heads)
+    qp, kp = pool_blocks(q.float(), block), pooled_keys(seq, block)[kv_head_of.long()]
+    scores = torch.einsum("hrd,hbd->hrb", qp, kp)
     first = prefix + torch.arange(nqb) * block
     last = torch.clamp(first + block - 1, max=prefix + q_len - 1)
     visible = torch.arange(nkb)[None] * block <= last[:, None]  # [R, NKB]
@@ -191,15 +126,15 @@ def block_sparse_mask(q, k, topk: int = BLOCK_SPARSE_TOPK, *, prefix: int = 0, b
     return mask | diagonal
 
 
-def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0, last_q: int = LAST_Q,
-               block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
+def head_index(pattern: HeadPattern, q, k: torch.Tensor | SeqKV, *, prefix: int = 0, last_q: int = LAST_Q,
+               block_q: int = DEFAULT_BLOCK_Q, kv_head_of: torch.Tensor | None = None) -> SparseIndex:
     """The sparse index of one or more heads that share ``pattern``."""
     q_len = q.shape[1]
     if pattern.kind == "vertical_and_slash":
-        v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix, last_q=last_q)
+        v_idx, s_idx = vertical_slash(q, k, pattern.v, pattern.s, prefix=prefix, last_q=last_q, kv_head_of=kv_head_of)
         return vertical_slash_index(v_idx, s_idx, q_len, prefix, block_q)
     if pattern.kind == "block_sparse":
-        mask = block_sparse_mask(q, k, pattern.v, prefix=prefix)
+        mask = block_sparse_mask(q, k, pattern.v, prefix=prefix, kv_head_of=kv_head_of)
         if block_q != BLOCK:  # re-express the 64-row query blocks in rows of block_q (<= 128)
             starts = torch.arange(0, q_len, block_q)
             first, last = starts // BLOCK, torch.clamp(starts + block_q - 1, max=q_len - 1) // BLOCK
@@ -208,8 +143,6 @@ def head_index(pattern: HeadPattern, q, k, *, prefix: int = 0, last_q: int = LAS
     if pattern.kind == "stream_llm":
         return streaming_index(q.shape[0], q_len, sink=pattern.v, local=pattern.s, prefix=prefix, block_q=block_q)
     raise ValueError(f"unknown MInference pattern {pattern.kind!r}; expected one of {PATTERNS}")
-
-
 def load_pattern_config(path: str | Path, num_layers: int, num_heads: int,
                         default: HeadPattern | None = None) -> list[list[HeadPattern]]:
     """MInference's per-head pattern JSON, checked against the model's layer and head counts.
@@ -244,31 +177,48 @@ def load_pattern_config(path: str | Path, num_layers: int, num_heads: int,
     return out
 
 
-def layer_index(patterns: list[HeadPattern], q, k, *, prefix: int = 0, last_q: int = LAST_Q,
-                block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
+def layer_index(patterns: list[HeadPattern], q, k: torch.Tensor | SeqKV, *, prefix: int = 0,
+                last_q: int = LAST_Q, block_q: int = DEFAULT_BLOCK_Q) -> SparseIndex:
     """The index of every head of a layer, each head with its own pattern and budgets."""
-    from fastctx.kernels.sparse import concat_heads
-
     heads = q.shape[0]
     if len(patterns) != heads:
         raise ValueError(f"{len(patterns)} head patterns for {heads} heads")
+    seq = as_seq(k)
     vs = [h for h, p in enumerate(patterns) if p.kind == "vertical_and_slash"]
     budgets = (torch.tensor([patterns[h].v for h in vs]), torch.tensor([patterns[h].s for h in vs]))
-    if len(vs) == heads:  # the common case: no per-head copies of the keys
-        v_idx, s_idx = vertical_slash(q, k, *budgets, prefix=prefix, last_q=last_q)
+    if len(vs) == heads:  # the common case: one estimation for the whole layer
+        v_idx, s_idx = vertical_slash(q, seq, *budgets, prefix=prefix, last_q=last_q)
         return vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, block_q)
-    k_per_head = k.repeat_interleave(heads // k.shape[0], 0)
+    kv_head_of = torch.arange(heads) // (heads // seq.kv_heads)
     parts: dict[int, SparseIndex] = {}
     if vs:
-        v_idx, s_idx = vertical_slash(q[vs], k_per_head[vs], *budgets, prefix=prefix, last_q=last_q)
+        v_idx, s_idx = vertical_slash(q[vs], seq, *budgets, prefix=prefix, last_q=last_q, kv_head_of=kv_head_of[vs])
         index = vertical_slash_index(v_idx, s_idx, q.shape[1], prefix, block_q)
         parts.update({h: _head(index, i) for i, h in enumerate(vs)})
     for h, p in enumerate(patterns):
         if h not in parts:
-            parts[h] = head_index(p, q[h:h + 1], k_per_head[h:h + 1], prefix=prefix, last_q=last_q,
-                                  block_q=block_q)
+            parts[h] = head_index(p, q[h:h + 1], seq, prefix=prefix, last_q=last_q, block_q=block_q,
+                                  kv_head_of=kv_head_of[h:h + 1])
     return concat_heads([parts[h] for h in range(heads)])
 
 
 def _head(index: SparseIndex, h: int) -> SparseIndex:
     return SparseIndex(index.ranges[h:h + 1], index.cols[h:h + 1], index.q_len, index.prefix, index.block_q)
+
+
+@register
+class MInference(Method):
+    name = "minference"
+    summary = "per-head vertical-slash / block-sparse / A-shape prefill, index estimated per chunk (MInference)"
+    phases = ("prefill",)
+    Params = MInferenceParams
+    # Budgets for an 8K-context model: MInference's own (1000, 6096) would be dense here.
+    eval_section = {"attention": "minference", "minference": {"v_size": 256, "s_size": 512}}
+
+    def __init__(self, params: MInferenceParams, shape):
+        super().__init__(params, shape)
+        self.patterns = params.layer_patterns(shape.num_layers, shape.num_heads)
+
+    def prefill(self, chunk: PrefillChunk) -> Read:
+        return Read.indexed(layer_index(self.patterns[chunk.layer], chunk.q, chunk.keys, prefix=chunk.prefix,
+                                        last_q=self.params.last_q, block_q=self.params.block_size))

@@ -7,9 +7,8 @@ import zipfile
 
 import pytest
 
-from fastctx import models
+from fastctx import default_model as models
 from fastctx.cli import main, serve_command
-
 
 FAKE_SHA = hashlib.sha256(b"not the real gguf").hexdigest()
 

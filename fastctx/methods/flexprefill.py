@@ -21,39 +21,40 @@ from dataclasses import dataclass
 
 import torch
 
-from fastctx.kernels.minference import last_query_sums, pool_blocks
+from fastctx.kernels.attention import Read
+from fastctx.kernels.estimation import last_query_sums, pool_blocks, pooled_keys
+from fastctx.kernels.paged import SeqKV, as_seq
 from fastctx.kernels.sparse import SparseIndex, block_mask_index
-
+from fastctx.methods.base import Method, PrefillChunk, knob, register, require
 
 BLOCK_SELECTIONS = ("block_mass", "token_count")
 
 
 @dataclass(frozen=True)
 class FlexPrefillParams:
-    gamma: float = 0.9
-    tau: float = 0.1
-    min_budget: int = 1024  # tokens
-    max_budget: int | None = None  # tokens; None = no cap
-    block_size: int = 128
-    # How many vertical/slash blocks a vertical-slash head reads: "block_mass" = the fewest
-    # blocks whose pooled attention reaches gamma (the paper's criterion, at the granularity
-    # the kernel reads); "token_count" = as many top blocks as the tokens that reach gamma
-    # would fill (the reference implementation's shortcut; it under-covers scattered mass).
-    block_selection: str = "block_mass"
+    gamma: float = knob(0.9, "attention mass the selected blocks must cover (paper: 0.9; 0.95 for Llama-3.1)")
+    tau: float = knob(0.1, "sqrt-JS threshold below which a head is query-aware")
+    min_budget: int = knob(1024, "per-head budget floor, tokens")
+    max_budget: int | None = knob(None, "per-head budget cap, tokens (null: none)")
+    block_size: int = knob(128, "block size, 32/64/128 (also the number of last queries that estimate the index)")
+    block_selection: str = knob(
+        "block_mass", "how many vertical/slash blocks a vertical-slash head reads: `block_mass` = the fewest blocks "
+        "whose pooled attention reaches gamma (the paper's criterion, at the kernel's granularity); `token_count` = "
+        "as many top blocks as the tokens that reach gamma would fill (the reference code's shortcut, which "
+        "under-covers heads whose mass is spread over many blocks)")
 
     def __post_init__(self):
-        if self.block_selection not in BLOCK_SELECTIONS:
-            raise ValueError(f"flexprefill block_selection={self.block_selection!r} must be one of "
-                             f"{', '.join(BLOCK_SELECTIONS)}")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"flexprefill gamma={self.gamma} must be in (0, 1]; the paper uses 0.9 or 0.95")
-        if self.tau < 0:
-            raise ValueError(f"flexprefill tau={self.tau} must be >= 0; the paper uses 0.1")
-        if self.block_size not in (32, 64, 128):
-            raise ValueError(f"flexprefill block_size={self.block_size} must be 32, 64 or 128")
-        if self.min_budget < 0 or (self.max_budget is not None and self.max_budget < self.min_budget):
-            raise ValueError(f"flexprefill budgets must satisfy 0 <= min_budget <= max_budget, got "
-                             f"{self.min_budget} and {self.max_budget}")
+        require(self.block_selection in BLOCK_SELECTIONS,
+                f"block_selection={self.block_selection!r} must be one of {', '.join(BLOCK_SELECTIONS)}")
+        require(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
+                f"gamma={self.gamma!r} must be in (0, 1]; the paper uses 0.9 or 0.95")
+        require(isinstance(self.tau, (int, float)) and self.tau >= 0,
+                f"tau={self.tau!r} must be >= 0; the paper uses 0.1")
+        require(self.block_size in (32, 64, 128), f"block_size={self.block_size!r} must be 32, 64 or 128")
+        capped = self.max_budget is None or isinstance(self.max_budget, int) and self.max_budget >= self.min_budget
+        require(isinstance(self.min_budget, int) and self.min_budget >= 0 and capped,
+                f"min_budget/max_budget must satisfy 0 <= min_budget <= max_budget, got {self.min_budget!r} and "
+                f"{self.max_budget!r}")
 
 
 def _count_to_mass(scores: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -69,17 +70,18 @@ def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-10) -> 
     return torch.sqrt((0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp(min=0))
 
 
-def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix: int = 0,
+def block_mask(q, k: torch.Tensor | SeqKV, params: FlexPrefillParams = FlexPrefillParams(), *, prefix: int = 0,
                scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``([H, R, NKB] bool block mask, [H] bool query-aware)`` for a prefill chunk."""
     heads, q_len, dim = q.shape
-    tk = k.shape[1]
+    seq = as_seq(k)
+    tk = seq.length
     b = params.block_size
     scale = dim ** -0.5 if scale is None else scale
     nqb, nkb = -(-q_len // b), -(-tk // b)
-    group = heads // k.shape[0]
+    group = heads // seq.kv_heads
     n = min(b, q_len)  # the last query block
-    vertical, slash = last_query_sums(q, k, prefix, n, scale)
+    vertical, slash = last_query_sums(q, seq, prefix, n, scale)
     vertical /= n  # [H, Tk], sums to 1 per head
     slash /= n  # [H, Tk] over offsets
     min_blocks = max(1, math.ceil(params.min_budget / b))
@@ -92,7 +94,7 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
     else:  # the reference code's shortcut: as many top blocks as the top tokens would fill
         n_v = (_count_to_mass(vertical, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
         n_s = (_count_to_mass(slash, params.gamma) // b + 1).clamp(min_blocks, max_blocks)
-    k_pooled = pool_blocks(k.float(), b, "mean").repeat_interleave(group, 0)  # [H, NKB, D]
+    k_pooled = pooled_keys(seq, b).repeat_interleave(group, 0)  # [H, NKB, D]
     q_last = q[:, -n:].float().mean(1)  # [H, D]
     estimate = torch.softmax(torch.einsum("hd,hbd->hb", q_last, k_pooled) * scale, -1)
     query_aware = sqrt_js_divergence(estimate, vertical_b) < params.tau
@@ -133,7 +135,19 @@ def block_mask(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix:
     return mask & visible[None], query_aware
 
 
-def sparse_index(q, k, params: FlexPrefillParams = FlexPrefillParams(), *, prefix: int = 0,
+def sparse_index(q, k: torch.Tensor | SeqKV, params: FlexPrefillParams = FlexPrefillParams(), *, prefix: int = 0,
                  scale: float | None = None) -> SparseIndex:
     mask, _ = block_mask(q, k, params, prefix=prefix, scale=scale)
     return block_mask_index(mask, params.block_size, q.shape[1], prefix)
+
+
+@register
+class FlexPrefill(Method):
+    name = "flexprefill"
+    summary = "context-aware sparse prefill: per-head pattern by sqrt-JS, blocks by cumulative mass (FlexPrefill)"
+    phases = ("prefill",)
+    Params = FlexPrefillParams
+    eval_section = {"attention": "flexprefill", "flexprefill": {"gamma": 0.9, "min_budget": 512}}
+
+    def prefill(self, chunk: PrefillChunk) -> Read:
+        return Read.indexed(sparse_index(chunk.q, chunk.keys, self.params, prefix=chunk.prefix, scale=chunk.scale))

@@ -1,0 +1,236 @@
+"""Every kernel op against its PyTorch reference: one grid per op, over its implementations.
+
+Implementations: ``cpp`` (the C++ CPU kernel; ``cpp-paged`` reads the same K/V
+from a scattered paged cache), ``triton`` (under Triton's interpreter on CPU),
+``sdpa`` (torch). Tolerances live in ``tests/kernel_impls.TOL``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastctx.kernels import prefill_attention, reference_prefill_attention
+from fastctx.kernels.attention import Read, paged_attention, reference_paged_attention
+from fastctx.kernels.estimation import last_query_sums, pool_blocks, pooled_keys, reference_last_query_sums
+from fastctx.kernels.paged import SeqKV
+from fastctx.kernels.sparse import (
+    dense_index,
+    reference_sparse_prefill_attention,
+    sparse_prefill_attention,
+    streaming_index,
+)
+from tests.helpers import INDEXES, random_qkv, random_vs_index
+from tests.kernel_impls import TOL, paged_copy, run_triton, sparse_triton
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GQA = {"gqa9x3": (9, 3), "mha4": (4, 4), "mqa8": (8, 1)}
+CHUNKS = {"decode": (1, 70), "first-token": (1, 0), "short": (7, 0), "fresh": (150, 0), "after-prefix": (97, 130)}
+
+
+def _close(got, want, dtype):
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+
+
+
+# ---------------------------------------------------------------- prefill_attention (dense, SDPA)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("heads,kv_heads", GQA.values(), ids=GQA.keys())
+@pytest.mark.parametrize("q_len,prefix", CHUNKS.values(), ids=CHUNKS.keys())
+@pytest.mark.parametrize("dim", [64, 128], ids=["d64", "d128"])
+def test_dense_prefill_sdpa(dtype, heads, kv_heads, q_len, prefix, dim):
+    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, dim, dtype)
+    got = prefill_attention(q, k, v, kp, vp, scale=dim ** -0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    _close(got, reference_prefill_attention(q, k, v, kp, vp, scale=dim ** -0.5), dtype)
+
+
+# ---------------------------------------------------------------- sparse_prefill_attention (one sequence)
+
+SPARSE_IMPLS = {
+    "cpp": sparse_prefill_attention,
+    "triton": lambda *a, **kw: run_triton(sparse_triton.sparse_prefill_attention_triton, *a, block_n=16, **kw),
+}
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+@pytest.mark.parametrize("kind", INDEXES)
+@pytest.mark.parametrize("heads,kv_heads", GQA.values(), ids=GQA.keys())
+@pytest.mark.parametrize("q_len,prefix", CHUNKS.values(), ids=CHUNKS.keys())
+@pytest.mark.parametrize("block_q", [16, 64], ids=["bq16", "bq64"])
+def test_sparse_prefill(impl, kind, heads, kv_heads, q_len, prefix, block_q):
+    q, k, v, kp, vp = random_qkv(heads, kv_heads, q_len, prefix, 64)
+    index = INDEXES[kind](heads, q_len, prefix, block_q)
+    got = SPARSE_IMPLS[impl](q, k, v, kp, vp, index=index)
+    _close(got, reference_sparse_prefill_attention(q, k, v, kp, vp, index=index), torch.float32)
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dim", [64, 128], ids=["d64", "d128"])
+def test_sparse_prefill_dtypes(impl, dtype, dim):
+    q, k, v, kp, vp = random_qkv(9, 3, 100, 40, dim, dtype)
+    index = random_vs_index(9, 100, 40, 32)
+    got = SPARSE_IMPLS[impl](q, k, v, kp, vp, index=index)
+    assert got.dtype == dtype
+    _close(got, reference_sparse_prefill_attention(q, k, v, kp, vp, index=index), dtype)
+
+
+def test_sparse_prefill_scattered_positions():
+    """Queries at explicit, scattered positions (recomputed tokens) read keys up to their own position
+    (C++ only: the single-sequence Triton kernel takes contiguous chunks)."""
+    q, k, v, _, _ = random_qkv(9, 3, 300, 0, 64)
+    rows = torch.tensor(sorted(torch.randperm(300, generator=torch.Generator().manual_seed(1))[:40].tolist()))
+    rows[-1] = 299
+    index = dense_index(9, len(rows), block_q=16, positions=rows)
+    got = sparse_prefill_attention(q[:, rows], k, v, index=index)
+    want = prefill_attention(q, k, v)[:, rows]
+    _close(got, want, torch.float32)
+    _close(reference_sparse_prefill_attention(q[:, rows], k, v, index=index), want, torch.float32)
+
+
+@pytest.mark.parametrize("impl", SPARSE_IMPLS)
+def test_sparse_decode_over_selected_pages(impl):
+    from fastctx.kernels import lserve as ls
+
+    context = 200
+    q, k, v = torch.randn(4, 1, 64), torch.randn(2, context, 64), torch.randn(2, context, 64)
+    index = ls.page_index(ls.select_pages(q[:, 0], *ls.page_summaries(k), ls.LServeParams(token_budget=64)), context)
+    args = (q, k[:, -1:], v[:, -1:], k[:, :-1], v[:, :-1])
+    _close(SPARSE_IMPLS[impl](*args, index=index), reference_sparse_prefill_attention(*args, index=index),
+           torch.float32)
+
+
+# ---------------------------------------------------------------- paged_attention (a whole batch)
+
+LAYOUTS = ["vllm_cpu", "token_major", "head_major"]
+
+
+def _batch(heads, kv_heads, dim, dtype, seed=0):
+    """Five requests: two decodes, a prefill chunk after a prefix, a fresh prefill, a short chunk."""
+    g = torch.Generator().manual_seed(seed)
+    q_lens, seq_lens = [1, 1, 90, 64, 3], [70, 301, 250, 64, 40]
+    seqs = [(torch.randn(kv_heads, s, dim, generator=g).to(dtype), torch.randn(kv_heads, s, dim, generator=g).to(dtype))
+            for s in seq_lens]
+    query = torch.randn(sum(q_lens), heads, dim, generator=g).to(dtype)
+    qs = [0]
+    for n in q_lens:
+        qs.append(qs[-1] + n)
+    return query, seqs, qs, seq_lens
+
+
+READ_MIXES = {
+    "dense": lambda h: [Read.DENSE] * 5,
+    "window": lambda h: [Read.window(4, 30)] * 4 + [Read.window(0, 1)],
+    "mixed": lambda h: [Read.SKIP, Read.window(2, 50), Read.indexed(random_vs_index(h, 90, 160, 32)),
+                        Read.indexed(streaming_index(h, 64, 3, 20, block_q=16)), Read.DENSE],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("reads", READ_MIXES)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("heads,kv_heads", GQA.values(), ids=GQA.keys())
+def test_paged_attention(layout, reads, dtype, heads, kv_heads):
+    query, seqs, qs, seq_lens = _batch(heads, kv_heads, 64, dtype)
+    kv, table = paged_copy(seqs, layout, block_size=32)
+    read_list = READ_MIXES[reads](heads)
+    got = paged_attention(query, kv, table, qs, seq_lens, read_list, scale=0.125)
+    want = reference_paged_attention(query, kv, table, qs, seq_lens, read_list, scale=0.125)
+    _close(got, want, dtype)
+    if reads == "mixed":  # skipped rows are left as they were
+        assert not got[:1].any()
+
+
+@pytest.mark.parametrize("dim", [64, 128], ids=["d64", "d128"])
+def test_paged_attention_split_keys_for_few_items(dim):
+    """One long decode over one KV head is split along the keys across threads and merged."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 5000, dim, generator=g), torch.randn(1, 5000, dim, generator=g)
+    kv, table = paged_copy([(k, v)], "vllm_cpu", block_size=128)
+    query = torch.randn(1, 2, dim, generator=g)
+    for read in (Read.DENSE, Read.window(7, 900)):
+        got = paged_attention(query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
+        want = reference_paged_attention(query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
+        _close(got, want, torch.float32)
+
+
+def test_paged_attention_explicit_positions_equal_dense_rows():
+    query, seqs, qs, seq_lens = _batch(9, 3, 64, torch.float32)
+    kv, table = paged_copy(seqs[2:3], "vllm_cpu", block_size=32)
+    k, v = seqs[2]
+    q_all = torch.randn(250, 9, 64, generator=torch.Generator().manual_seed(5))
+    rows = torch.tensor([0, 3, 17, 100, 101, 180, 249])
+    got = paged_attention(q_all[rows], kv, table, [0, len(rows)], [250], [Read.DENSE], scale=0.125,
+                          positions=rows.int())
+    whole = prefill_attention(q_all.transpose(0, 1), k, v, scale=0.125).transpose(0, 1)
+    _close(got, whole[rows], torch.float32)
+
+
+def test_decode_batch_shares_one_index():
+    """A decode batch can hand one index with a block per request (block0 = the request's row)."""
+    query, seqs, qs, seq_lens = _batch(4, 2, 64, torch.float32)
+    kv, table = paged_copy(seqs[:2], "vllm_cpu", block_size=32)
+    ranges = torch.tensor([[[[0, 10], [60, 70]]], [[[5, 100], [290, 301]]]], dtype=torch.int32)  # [B, 1, 2, 2]
+    ranges = ranges.permute(1, 0, 2, 3).expand(4, -1, -1, -1).contiguous()  # [H, B, NR, 2]
+    from fastctx.kernels.sparse import SparseIndex
+
+    shared = SparseIndex(ranges, torch.full((4, 2, 1), -1, dtype=torch.int32), q_len=2, block_q=1)
+    reads = [Read.indexed(shared, block0=0), Read.indexed(shared, block0=1)]
+    got = paged_attention(query[:2], kv, table, [0, 1, 2], [70, 301], reads, scale=0.125)
+    want = reference_paged_attention(query[:2], kv, table, [0, 1, 2], [70, 301], reads, scale=0.125)
+    _close(got, want, torch.float32)
+
+
+# ---------------------------------------------------------------- last_query_sums and pooled_keys
+
+
+def _seq(impl, k):
+    if impl == "cpp-paged":
+        kv, table = paged_copy([(k, k)], "vllm_cpu", block_size=32)
+        return SeqKV(kv, table[0], k.shape[1])
+    return k
+
+
+SUMS_IMPLS = {
+    "cpp": lambda q, k, prefix, last_q: last_query_sums(q, _seq("cpp", k), prefix, last_q, 0.2),
+    "cpp-paged": lambda q, k, prefix, last_q: last_query_sums(q, _seq("cpp-paged", k), prefix, last_q, 0.2),
+    "triton": lambda q, k, prefix, last_q: run_triton(sparse_triton.last_query_sums_triton, q, k, prefix, last_q,
+                                                      0.2, block_n=16),
+}
+
+
+@pytest.mark.parametrize("impl", SUMS_IMPLS)
+@pytest.mark.parametrize("heads,kv_heads,q_len,prefix,last_q,dtype", [
+    (9, 3, 100, 0, 64, torch.float32), (4, 4, 40, 200, 64, torch.float32), (8, 1, 70, 30, 32, torch.float32),
+    (9, 3, 20, 45, 64, torch.float32), (9, 3, 128, 300, 128, torch.float32), (2, 1, 50, 10, 16, torch.bfloat16)],
+    ids=["gqa-fresh", "mha-after-prefix", "mqa", "chunk-shorter-than-last_q", "flexprefill-128", "bf16"])
+def test_last_query_sums(impl, heads, kv_heads, q_len, prefix, last_q, dtype):
+    q, k, _, kp, _ = random_qkv(heads, kv_heads, q_len, prefix, 64, dtype)
+    k = torch.cat([kp, k], 1)
+    got = SUMS_IMPLS[impl](q, k, prefix, last_q)
+    want = reference_last_query_sums(q, k, prefix, last_q, 0.2)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, atol=1e-5, rtol=1e-4)
+
+
+def test_last_query_sums_per_head_kv_map():
+    """A subset of a layer's heads (MInference's per-head patterns) reads each head's own KV head."""
+    q, k, _, _, _ = random_qkv(9, 3, 80, 0, 64)
+    heads = torch.tensor([1, 4, 8])
+    kv_of = heads // 3
+    got = last_query_sums(q[heads], _seq("cpp-paged", k), 0, 64, 0.2, kv_head_of=kv_of)
+    want = reference_last_query_sums(q, k, 0, 64, 0.2)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w[heads], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "cpp-paged"])
+@pytest.mark.parametrize("tokens,block", [(300, 64), (128, 128), (97, 32)])
+def test_pooled_keys(impl, tokens, block):
+    k = torch.randn(3, tokens, 64, generator=torch.Generator().manual_seed(tokens))
+    torch.testing.assert_close(pooled_keys(_seq(impl, k), block), pool_blocks(k, block), atol=1e-5, rtol=1e-5)
