@@ -51,8 +51,22 @@ def test_dense_prefill_sdpa(dtype, heads, kv_heads, q_len, prefix, dim):
 
 # ---------------------------------------------------------------- sparse_prefill_attention (one sequence)
 
+def _sgemm_path(fn):
+    """The C++ kernel's sgemm path, which hosts without AVX-512 (and odd head_dims) take."""
+    from fastctx.kernels import sparse
+
+    def run(*args, **kwargs):
+        saved, sparse.MICRO_KERNELS = sparse.MICRO_KERNELS, False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sparse.MICRO_KERNELS = saved
+    return run
+
+
 SPARSE_IMPLS = {
     "cpp": sparse_prefill_attention,
+    "cpp-sgemm": _sgemm_path(sparse_prefill_attention),
     "triton": lambda *a, **kw: run_triton(sparse_triton.sparse_prefill_attention_triton, *a, block_n=16, **kw),
 }
 
@@ -71,8 +85,10 @@ def test_sparse_prefill(impl, kind, heads, kv_heads, q_len, prefix, block_q):
 
 @pytest.mark.parametrize("impl", SPARSE_IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("dim", [64, 128], ids=["d64", "d128"])
+@pytest.mark.parametrize("dim", [64, 80, 128], ids=["d64", "d80", "d128"])
 def test_sparse_prefill_dtypes(impl, dtype, dim):
+    if impl == "triton" and dim == 80:
+        dim = 64  # Triton takes power-of-two head_dims (the dispatcher never sends it 80)
     q, k, v, kp, vp = random_qkv(9, 3, 100, 40, dim, dtype)
     index = random_vs_index(9, 100, 40, 32)
     got = SPARSE_IMPLS[impl](q, k, v, kp, vp, index=index)
@@ -131,30 +147,35 @@ READ_MIXES = {
 }
 
 
+PAGED_IMPLS = {"cpp": paged_attention, "cpp-sgemm": _sgemm_path(paged_attention)}
+
+
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("reads", READ_MIXES)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("heads,kv_heads", GQA.values(), ids=GQA.keys())
-def test_paged_attention(layout, reads, dtype, heads, kv_heads):
+def test_paged_attention(impl, layout, reads, dtype, heads, kv_heads):
     query, seqs, qs, seq_lens = _batch(heads, kv_heads, 64, dtype)
     kv, table = paged_copy(seqs, layout, block_size=32)
     read_list = READ_MIXES[reads](heads)
-    got = paged_attention(query, kv, table, qs, seq_lens, read_list, scale=0.125)
+    got = PAGED_IMPLS[impl](query, kv, table, qs, seq_lens, read_list, scale=0.125)
     want = reference_paged_attention(query, kv, table, qs, seq_lens, read_list, scale=0.125)
     _close(got, want, dtype)
     if reads == "mixed":  # skipped rows are left as they were
         assert not got[:1].any()
 
 
-@pytest.mark.parametrize("dim", [64, 128], ids=["d64", "d128"])
-def test_paged_attention_split_keys_for_few_items(dim):
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+@pytest.mark.parametrize("dim", [64, 80, 128], ids=["d64", "d80", "d128"])
+def test_paged_attention_split_keys_for_few_items(impl, dim):
     """One long decode over one KV head is split along the keys across threads and merged."""
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(1, 5000, dim, generator=g), torch.randn(1, 5000, dim, generator=g)
     kv, table = paged_copy([(k, v)], "vllm_cpu", block_size=128)
     query = torch.randn(1, 2, dim, generator=g)
     for read in (Read.DENSE, Read.window(7, 900)):
-        got = paged_attention(query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
+        got = PAGED_IMPLS[impl](query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
         want = reference_paged_attention(query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
         _close(got, want, torch.float32)
 
@@ -169,6 +190,34 @@ def test_paged_attention_explicit_positions_equal_dense_rows():
                           positions=rows.int())
     whole = prefill_attention(q_all.transpose(0, 1), k, v, scale=0.125).transpose(0, 1)
     _close(got, whole[rows], torch.float32)
+
+
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+def test_index_columns_from_the_panel_and_copied(impl):
+    """Columns are gathered once per head into a panel; a block listing most of the panel's columns
+    scores it in place (masking the rest), one listing few copies them: both equal the reference."""
+    from fastctx.kernels.sparse import SparseIndex
+
+    g = torch.Generator().manual_seed(11)
+    heads, q_len, block = 6, 256, 32
+    k, v = torch.randn(2, 600, 64, generator=g), torch.randn(2, 600, 64, generator=g)
+    kv, table = paged_copy([(k, v)], "vllm_cpu", block_size=128)
+    blocks = q_len // block
+    union = torch.randperm(600, generator=g)[:120].sort().values
+    cols = torch.full((heads, blocks, 120), -1, dtype=torch.int32)
+    for h in range(heads):
+        for r in range(blocks):
+            keep = union[torch.rand(120, generator=g) < (0.9 if (h + r) % 2 else 0.1)]
+            cols[h, r, :len(keep)] = keep.int()
+    ranges = torch.tensor([[344, 0]], dtype=torch.int32).expand(heads, blocks, 1, 2).clone()
+    ranges[:, :, 0, 1] = 344 + (torch.arange(blocks) + 1) * block  # each block's own diagonal keys
+    ranges[:, :, 0, 0] = 344 + torch.arange(blocks) * block
+    cols = torch.where((cols >= 344) & (cols < 600), -1, cols)  # columns outside the ranges
+    index = SparseIndex(ranges, cols, q_len, prefix=344, block_q=block)
+    query = torch.randn(q_len, heads, 64, generator=g)
+    got = PAGED_IMPLS[impl](query, kv, table, [0, q_len], [600], [Read.indexed(index)], scale=0.125)
+    want = reference_paged_attention(query, kv, table, [0, q_len], [600], [Read.indexed(index)], scale=0.125)
+    _close(got, want, torch.float32)
 
 
 def test_decode_batch_shares_one_index():
@@ -234,3 +283,18 @@ def test_last_query_sums_per_head_kv_map():
 def test_pooled_keys(impl, tokens, block):
     k = torch.randn(3, tokens, 64, generator=torch.Generator().manual_seed(tokens))
     torch.testing.assert_close(pooled_keys(_seq(impl, k), block), pool_blocks(k, block), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_fast_paths_run_where_the_cpu_has_them(dtype):
+    """The grids above must exercise the CPU's fast paths, not fall back silently: AVX-512 hosts
+    take the micro-kernels, and bf16 goes through AMX tiles where the CPU has them."""
+    from fastctx.kernels._cpu_ext import cpu_features
+    from fastctx.kernels.attention import kernel_path
+
+    features = cpu_features()
+    want = "sgemm"
+    if features["avx512f"]:
+        want = "amx" if dtype == torch.bfloat16 and features["avx512_bf16"] and features["amx_bf16"] else "micro"
+    assert kernel_path(dtype, 64) == want
+    assert kernel_path(dtype, 80) == "sgemm"

@@ -107,6 +107,14 @@ def read_recall(q: torch.Tensor, k: torch.Tensor, read: Read, rows: torch.Tensor
     return probs.sum(-1).mean(-1) if mask is None else (probs * mask).sum(-1).mean(-1)
 
 
+def kernel_path(dtype: torch.dtype, head_dim: int) -> str:
+    """The C++ kernel's inner path on this CPU: ``amx`` (bf16 through oneDNN's brgemm on AMX tiles),
+    ``micro`` (AVX-512 register micro-kernels, fp32 compute) or ``sgemm`` (MKL, any x86-64 host)."""
+    from fastctx.kernels._cpu_ext import cpu_ops
+
+    return cpu_ops().kernel_path(dtype, head_dim, sparse.MICRO_KERNELS)
+
+
 def why_not_cpu(query: torch.Tensor, kv: PagedKV) -> str | None:
     """Why the C++ kernel cannot take these inputs, or None."""
     if query.device.type != "cpu" or kv.key.device.type != "cpu":
@@ -186,7 +194,7 @@ def paged_attention(query: torch.Tensor, kv: PagedKV, block_table: torch.Tensor,
     table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
     pos = torch.empty(0, dtype=torch.int32) if positions is None else positions.to(torch.int32).contiguous()
     cpu_ops().paged_attention(query, kv.key, kv.value, table, requests, pos, ranges, cols, block_q,
-                              float(scale), sparse.GATHER_BELOW, out)
+                              float(scale), sparse.GATHER_BELOW, sparse.MICRO_KERNELS, out)
     return out
 
 

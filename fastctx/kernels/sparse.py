@@ -24,9 +24,13 @@ import torch
 from fastctx.kernels.dense import _check, _join_prefix
 
 DEFAULT_BLOCK_Q = 64
-# The CPU kernel copies ranges shorter than this many keys into its column tiles
-# instead of scoring each with its own small matrix product.
+# The CPU kernel's sgemm path copies ranges shorter than this many keys into its column
+# tiles instead of scoring each with its own small matrix product (its micro-kernels read
+# ranges in place down to 8 keys).
 GATHER_BELOW = 128
+# The CPU kernel's register-blocked AVX-512 micro-kernels (head_dim 32/64/128 on AVX-512 hosts);
+# False takes the sgemm path every other host uses (tests run both on one machine).
+MICRO_KERNELS = True
 _EMPTY = 2**31 - 1  # start = end = this: an unused range slot
 
 

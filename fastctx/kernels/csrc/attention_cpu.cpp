@@ -24,6 +24,7 @@
 // requests work per (head, index block). When a batch has too few items to
 // keep every thread busy (a few decodes), long items are split along the keys
 // and merged by their log-sum-exp afterwards.
+#include <ATen/native/CPUBlas.h>
 #include <omp.h>
 #include <torch/extension.h>
 
@@ -41,8 +42,14 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
-constexpr int kTile = 256;     // keys per score tile
-constexpr int kGroupRows = 128;  // packed query rows (tokens x heads) per grouped item
+constexpr int kTile = 512;     // keys per tile: K/V of a tile stay in L2 while every row of an item reads them
+constexpr int kGroupRows = 128;  // packed query rows (tokens x heads) per grouped item, sgemm path
+constexpr int kMicroRows = 12;   // query rows per register-blocked sub-tile (micro-kernel path)
+constexpr int kAmxRows = 64;     // query rows per AMX sub-tile (one brgemm call scores them all)
+constexpr int kAmxKeys = 128;    // keys per VNNI-packed K/V chunk of the AMX path (one brgemm each)
+constexpr int kMicroGatherBelow = 8;  // the micro-kernels read ranges in place down to this length
+constexpr int kMicroGroupRows = 384;
+constexpr int kAmxGroupRows = 384;  // AMX path: packing a tile costs several sub-tiles' compute, reuse it more  // rows per grouped item on the micro-kernel path (more reuse per tile)
 constexpr int kEstRows = 16;   // query rows per estimation tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -140,6 +147,158 @@ inline float exp_shift_sum(float* s, int n, float shift) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// Register-blocked micro-kernels for AVX-512 hosts. K is read dims-major (vLLM's CPU
+// cache layout, [head_dim][keys] with a stride), V row-major: both straight from the
+// cache, no packing, with the packed query rows broadcast from memory.
+#define FASTCTX_MICRO 1
+
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.0f));
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, fx);
+}
+
+inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+inline float row_max512(const float* s, int n) {
+  __m512 m = _mm512_set1_ps(kNegInf);
+  for (int j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - j), s + j));
+  return _mm512_reduce_max_ps(m);
+}
+
+// s[j] = exp(s[j] - shift); returns the sum.
+inline float exp_shift_sum512(float* s, int n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 mk = tail_mask(n - j);
+    __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), sh));
+    _mm512_mask_storeu_ps(s + j, mk, p);
+    acc = _mm512_mask_add_ps(acc, mk, acc, p);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// S[r][0:cols] = q[r] . K[:, 0:cols] for R rows, cols <= 32; K dims-major with stride ldk.
+// Two key vectors by up to 12 rows: each K load feeds 12 FMAs, so the K tile streams from
+// L2 at half the rate a wider, shorter block would need.
+template <int R>
+inline void qk_micro(const float* q, int dim, const float* k, int64_t ldk, int cols, float* s, int lds) {
+  const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : (__mmask16)0;
+  __m512 acc0[R], acc1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int d = 0; d < dim; ++d) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, k + d * ldk), b1 = _mm512_maskz_loadu_ps(m1, k + d * ldk + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(q[r * dim + d]);
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(s + r * lds, m0, acc0[r]);
+    _mm512_mask_storeu_ps(s + r * lds + 16, m1, acc1[r]);
+  }
+}
+
+// acc[r][0:16*NV] += P[r][0:n] . V[0:n][:] for R rows; V row-major with stride ldv.
+template <int R, int NV>
+inline void pv_micro(const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
+  __m512 c[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < NV; ++x) c[r][x] = _mm512_loadu_ps(acc + r * dim + 16 * x);
+  for (int j = 0; j < n; ++j) {
+    __m512 b[NV];
+#pragma GCC unroll 8
+    for (int x = 0; x < NV; ++x) b[x] = _mm512_loadu_ps(v + j * ldv + 16 * x);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
+#pragma GCC unroll 8
+      for (int x = 0; x < NV; ++x) c[r][x] = _mm512_fmadd_ps(a, b[x], c[r][x]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int x = 0; x < NV; ++x) _mm512_storeu_ps(acc + r * dim + 16 * x, c[r][x]);
+}
+
+inline bool micro_dim(int dim) { return dim == 32 || dim == 64 || dim == 128; }
+
+// out[2i] = a[i], out[2i+1] = b[i] for i < len (len a multiple of 16): two bf16 rows into the
+// VNNI pair layout brgemm reads (for K: consecutive dims; for V: consecutive keys).
+inline void interleave_rows(const uint16_t* a, const uint16_t* b, int len, uint16_t* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  int i = 0;
+  for (; i + 32 <= len; i += 32) {
+    const __m512i x = _mm512_loadu_si512(a + i), y = _mm512_loadu_si512(b + i);
+    _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi16(x, lo, y));
+    _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi16(x, hi, y));
+  }
+  for (; i < len; ++i) {
+    out[2 * i] = a[i];
+    out[2 * i + 1] = b[i];
+  }
+}
+
+// Scores of `rows` (<= kMicroRows) packed queries against `cols` dims-major keys.
+inline void qk_rows(int rows, const float* q, int dim, const float* k, int64_t ldk, int cols, float* s, int lds) {
+  for (int c0 = 0; c0 < cols; c0 += 32) {
+    const int c = std::min(32, cols - c0);
+    switch (rows) {
+#define FASTCTX_QK(R) case R: qk_micro<R>(q, dim, k + c0, ldk, c, s + c0, lds); break;
+      FASTCTX_QK(1) FASTCTX_QK(2) FASTCTX_QK(3) FASTCTX_QK(4) FASTCTX_QK(5) FASTCTX_QK(6)
+      FASTCTX_QK(7) FASTCTX_QK(8) FASTCTX_QK(9) FASTCTX_QK(10) FASTCTX_QK(11)
+#undef FASTCTX_QK
+      default: qk_micro<12>(q, dim, k + c0, ldk, c, s + c0, lds); break;
+    }
+  }
+}
+
+template <int NV>
+inline void pv_rows_nv(int rows, const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
+  constexpr int RP = NV >= 8 ? 3 : 6;  // 24 accumulators at most
+  for (int r0 = 0; r0 < rows; r0 += RP) {
+    const int rr = std::min(RP, rows - r0);
+    const float* pr = p + r0 * ldp;
+    float* ar = acc + r0 * dim;
+    switch (rr) {
+      case 1: pv_micro<1, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 2: pv_micro<2, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 3: pv_micro<3, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 4: pv_micro<4, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 5: pv_micro<5, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      default: pv_micro<RP, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+    }
+  }
+}
+
+inline void pv_rows(int rows, const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
+  if (dim == 32) pv_rows_nv<2>(rows, p, ldp, v, ldv, n, acc, dim);
+  else if (dim == 64) pv_rows_nv<4>(rows, p, ldp, v, ldv, n, acc, dim);
+  else pv_rows_nv<8>(rows, p, ldp, v, ldv, n, acc, dim);
+}
+#endif
+
 template <typename T>
 inline float to_f(T x) { return static_cast<float>(x); }
 
@@ -170,6 +329,11 @@ struct KV {
     for (int j = 0; j < n; ++j)
       for (int d = 0; d < dim; ++d) dst[(size_t)j * dim + d] = to_f(base[j * kt + d * kd]);
   }
+  void copy_k_cols(int blk, int h, int tok, int n, float* dst, int ld) const {  // n keys -> dst [dim][ld]
+    const T* base = kp(blk, h, tok);
+    for (int d = 0; d < dim; ++d)
+      for (int j = 0; j < n; ++j) dst[(size_t)d * ld + j] = to_f(base[j * kt + d * kd]);
+  }
   void copy_v(int blk, int h, int tok, int n, float* dst) const {
     const T* base = vp(blk, h, tok);
     for (int j = 0; j < n; ++j)
@@ -194,34 +358,67 @@ struct Request {
   int position(int t) const { return pos ? pos[t] : seq_len - q_len + t; }
 };
 
-// One tile of up to kTile keys: positions, and where to score them from.
+// A run of a tile's keys and where their K and V are read: in place in the cache, from the
+// tile's buffers, or from a request's column panel. K is dims-major ([dim][ldk], keys
+// contiguous) or row-major ([keys][ldk]); V is row-major, or not readable in place (null:
+// copied into the tile's V buffer when the tile is folded).
 struct Segment {
   int col0, len;
-  int blk, tok;  // physical block and first token, for keys read in place
-  bool in_place;
+  const float* k;
+  int64_t ldk;
+  bool k_dims_major;
+  const float* v;
+  int64_t ldv;
+  int blk, tok;  // where V is, when v is null
 };
 
 struct Scratch {
   std::vector<float> q, scores, acc, m, l, kbuf, vbuf;
+  // bf16 AMX path: unscaled queries, staged K (dims-major) / V (row-major), their VNNI packs, P.
+  std::vector<at::BFloat16> qb, kst, vst, kpack, vpack, pb;
   std::vector<int> rowpos, kpos;
+  std::vector<uint8_t> valid;  // per tile key: read at all (panel columns a block does not list are not)
   std::vector<Segment> segs;
   int n = 0;  // keys in the current tile
-  Scratch(int rows, int dim)
-      : q((size_t)rows * dim), scores((size_t)rows * kTile), acc((size_t)rows * dim), m(rows), l(rows),
-        kbuf((size_t)kTile * dim), vbuf((size_t)kTile * dim), rowpos(rows), kpos(kTile) {}
+  bool has_invalid = false;
+  Scratch(int rows, int score_rows, int dim)
+      : q((size_t)rows * dim), scores((size_t)score_rows * kTile), acc((size_t)rows * dim), m(rows), l(rows),
+        kbuf((size_t)kTile * dim), vbuf((size_t)kTile * dim), rowpos(rows), kpos(kTile), valid(kTile, 1) {}
+  void enable_amx(int rows, int dim) {
+    qb.resize((size_t)rows * dim);
+    kst.resize((size_t)dim * kTile);
+    vst.resize((size_t)kTile * dim);
+    kpack.resize((size_t)dim * kTile);
+    vpack.resize((size_t)kTile * dim);
+    pb.resize((size_t)kAmxRows * kTile);
+    scores.resize(std::max(scores.size(), (size_t)kAmxRows * kTile));
+  }
+};
+
+// One request's sparse-index columns for one head, gathered once: K dims-major [dim][n]
+// and V row-major [n][dim] for the sorted union of the columns all its index blocks list.
+// In vLLM's CPU layout one key's K spans head_dim cache lines, so gathering a column once
+// per head instead of once per query block is what makes column-heavy indexes cheap.
+struct Panel {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const int* pos = nullptr;
+  int n = 0;
 };
 
 template <typename T>
 class ItemRunner {
  public:
-  ItemRunner(const KV<T>& kv, Scratch& s, const Request& rq, const Item& it, const int* table, int kvh)
-      : kv_(kv), s_(s), rq_(rq), it_(it), table_(table), kvh_(kvh) {}
+  ItemRunner(const KV<T>& kv, Scratch& s, const Request& rq, const Item& it, const int* table, int kvh, bool micro,
+             bool amx, float scale)
+      : kv_(kv), s_(s), rq_(rq), it_(it), table_(table), kvh_(kvh), micro_(micro), amx_(amx), scale_(scale) {}
 
   // Adds keys [start, end) (positions), split at block and tile boundaries.
   void add_range(int start, int end, int gather_below) {
     start = std::max(start, it_.key_lo);
     end = std::min(end, it_.key_hi);
     if (end <= start) return;
+    if (amx_) return stage_range(start, end);
     if (end - start < gather_below) {
       for (int c = start; c < end; ++c) add_column(c);
       return;
@@ -231,13 +428,13 @@ class ItemRunner {
       if (s_.n == kTile) fold();
       const int blk = table_[start / bs], tok = start % bs;
       const int len = std::min({end - start, bs - tok, kTile - s_.n});
-      const bool in_place = kv_.k_rows() || kv_.k_cols();
-      if (in_place) {
-        s_.segs.push_back({s_.n, len, blk, tok, true});
+      if (micro_ ? kv_.k_cols() : kv_.k_rows() || kv_.k_cols()) {
+        const bool dims_major = kv_.k_cols();
+        s_.segs.push_back({s_.n, len, (const float*)kv_.kp(blk, kvh_, tok), dims_major ? kv_.kd : kv_.kt,
+                           dims_major, kv_.v_rows() ? (const float*)kv_.vp(blk, kvh_, tok) : nullptr, kv_.vt,
+                           blk, tok});
       } else {
-        kv_.copy_k(blk, kvh_, tok, len, s_.kbuf.data() + (size_t)s_.n * kv_.dim);
-        kv_.copy_v(blk, kvh_, tok, len, s_.vbuf.data() + (size_t)s_.n * kv_.dim);
-        push_buffered(len);
+        buffer_keys(blk, tok, len);
       }
       for (int j = 0; j < len; ++j) s_.kpos[s_.n + j] = start + j;
       s_.n += len;
@@ -247,49 +444,68 @@ class ItemRunner {
 
   void add_column(int c) {
     if (c < it_.key_lo || c >= it_.key_hi) return;
+    if (amx_) return stage_range(c, c + 1);
     if (s_.n == kTile) fold();
     const int bs = kv_.block_size;
-    const int blk = table_[c / bs], tok = c % bs;
-    kv_.copy_k(blk, kvh_, tok, 1, s_.kbuf.data() + (size_t)s_.n * kv_.dim);
-    kv_.copy_v(blk, kvh_, tok, 1, s_.vbuf.data() + (size_t)s_.n * kv_.dim);
-    push_buffered(1);
+    buffer_keys(table_[c / bs], c % bs, 1);
     s_.kpos[s_.n] = c;
     s_.n += 1;
   }
 
+  // Adds the panel's columns up to `last_pos`, reading only those in `cols` (sorted or not,
+  // -1 = empty): the others are masked, so the panel is scored in long in-place runs.
+  void add_panel(const Panel& panel, const int* cols, int ncols, int last_pos) {
+    const int w = (int)(std::upper_bound(panel.pos, panel.pos + panel.n, last_pos) - panel.pos);
+    if (w == 0) return;
+    member_.assign(w, 0);
+    int listed = 0;
+    for (int x = 0; x < ncols; ++x) {
+      const int c = cols[x];
+      if (c < 0 || c > last_pos || c < it_.key_lo || c >= it_.key_hi) continue;
+      const int at = (int)(std::lower_bound(panel.pos, panel.pos + w, c) - panel.pos);
+      if (at < w && panel.pos[at] == c && !member_[at]) member_[at] = 1, ++listed;
+    }
+    if (listed * 4 < w || amx_) {  // a sparse subset (or the AMX path, which stages keys): copy them
+      for (int at = 0; at < w; ++at)
+        if (member_[at]) add_panel_column(panel, at);
+      return;
+    }
+    for (int start = 0; start < w;) {
+      if (s_.n == kTile) fold();
+      const int len = std::min(w - start, kTile - s_.n);
+      s_.segs.push_back({s_.n, len, panel.k + start, panel.n, true, panel.v + (size_t)start * kv_.dim, kv_.dim, 0, 0});
+      for (int j = 0; j < len; ++j) {
+        s_.kpos[s_.n + j] = panel.pos[start + j];
+        s_.valid[s_.n + j] = member_[start + j];
+        s_.has_invalid |= !member_[start + j];
+      }
+      s_.n += len;
+      start += len;
+    }
+  }
+
   // Scores the tile against the packed queries and folds it into the online softmax.
   void fold() {
-    const int n = s_.n, rows = rows_(), dim = kv_.dim;
-    if (n == 0) return;
-    float* S = s_.scores.data();
-    const float* q = s_.q.data();
-    for (const Segment& g : s_.segs) {
-      if (!g.in_place) {
-        gemm_abt(rows, g.len, dim, 1.0f, q, dim, s_.kbuf.data() + (size_t)g.col0 * dim, dim, 0.0f,
-                 S + g.col0, kTile);
-      } else if (kv_.k_rows()) {
-        gemm_abt(rows, g.len, dim, 1.0f, q, dim, (const float*)kv_.kp(g.blk, kvh_, g.tok), (int)kv_.kt,
-                 0.0f, S + g.col0, kTile);
-      } else {
-        gemm_ab(rows, g.len, dim, 1.0f, q, dim, (const float*)kv_.kp(g.blk, kvh_, g.tok), (int)kv_.kd,
-                0.0f, S + g.col0, kTile);
-      }
+    if (s_.n == 0) return;
+#ifdef FASTCTX_MICRO
+    if (amx_) {
+      fold_amx();
+      s_.n = 0;
+      return;
     }
-    mask_and_softmax(n, rows);
-    float* acc = s_.acc.data();
-    for (const Segment& g : s_.segs) {
-      if (g.in_place && kv_.v_rows()) {
-        gemm_ab(rows, dim, g.len, 1.0f, S + g.col0, kTile, (const float*)kv_.vp(g.blk, kvh_, g.tok),
-                (int)kv_.vt, 1.0f, acc, dim);
-      } else if (g.in_place) {
-        kv_.copy_v(g.blk, kvh_, g.tok, g.len, s_.vbuf.data() + (size_t)g.col0 * dim);
-        gemm_ab(rows, dim, g.len, 1.0f, S + g.col0, kTile, s_.vbuf.data() + (size_t)g.col0 * dim, dim,
-                1.0f, acc, dim);
-      } else {
-        gemm_ab(rows, dim, g.len, 1.0f, S + g.col0, kTile, s_.vbuf.data() + (size_t)g.col0 * dim, dim,
-                1.0f, acc, dim);
+#endif
+    for (Segment& g : s_.segs)  // V not row-major in place: one copy per tile
+      if (!g.v) {
+        kv_.copy_v(g.blk, kvh_, g.tok, g.len, s_.vbuf.data() + (size_t)g.col0 * kv_.dim);
+        g.v = s_.vbuf.data() + (size_t)g.col0 * kv_.dim;
+        g.ldv = kv_.dim;
       }
-    }
+#ifdef FASTCTX_MICRO
+    if (micro_) fold_micro(); else
+#endif
+    fold_gemm();
+    if (s_.has_invalid) std::fill(s_.valid.begin(), s_.valid.begin() + s_.n, 1);
+    s_.has_invalid = false;
     s_.segs.clear();
     s_.n = 0;
   }
@@ -297,35 +513,86 @@ class ItemRunner {
  private:
   int rows_() const { return it_.ntok * it_.nheads; }
 
-  void push_buffered(int len) {
-    if (!s_.segs.empty() && !s_.segs.back().in_place && s_.segs.back().col0 + s_.segs.back().len == s_.n) {
-      s_.segs.back().len += len;
-    } else {
-      s_.segs.push_back({s_.n, len, 0, 0, false});
-    }
+  // Copies keys into the tile's buffers: K dims-major [dim][kTile] for the micro-kernels,
+  // row-major [kTile][dim] for sgemm; V row-major.
+  void buffer_keys(int blk, int tok, int len) {
+    float* k = micro_ ? s_.kbuf.data() + s_.n : s_.kbuf.data() + (size_t)s_.n * kv_.dim;
+    if (micro_) kv_.copy_k_cols(blk, kvh_, tok, len, k, kTile);
+    else kv_.copy_k(blk, kvh_, tok, len, k);
+    float* v = s_.vbuf.data() + (size_t)s_.n * kv_.dim;
+    kv_.copy_v(blk, kvh_, tok, len, v);
+    push_buffered(len);
   }
 
-  bool visible(int key, int p) const {
-    if (key > p) return false;
+  void add_panel_column(const Panel& panel, int at) {
+    if (s_.n == kTile) fold();
+    if (amx_) {
+      stage_from(panel.k + at, panel.n, panel.v + (size_t)at * kv_.dim, 1);
+      s_.kpos[s_.n] = panel.pos[at];
+      s_.n += 1;
+      return;
+    }
+    const int dim = kv_.dim;
+    float* k = micro_ ? s_.kbuf.data() + s_.n : s_.kbuf.data() + (size_t)s_.n * dim;
+    const int64_t stride = micro_ ? kTile : 1;
+    for (int d = 0; d < dim; ++d) k[d * stride] = panel.k[(size_t)d * panel.n + at];
+    std::copy(panel.v + (size_t)at * dim, panel.v + (size_t)(at + 1) * dim, s_.vbuf.data() + (size_t)s_.n * dim);
+    push_buffered(1);
+    s_.kpos[s_.n] = panel.pos[at];
+    s_.n += 1;
+  }
+
+  void push_buffered(int len) {
+    Segment* last = s_.segs.empty() ? nullptr : &s_.segs.back();
+    const bool buffered = last && last->k == (micro_ ? s_.kbuf.data() + last->col0
+                                                     : s_.kbuf.data() + (size_t)last->col0 * kv_.dim);
+    if (buffered && last->col0 + last->len == s_.n) {
+      last->len += len;
+      return;
+    }
+    const int dim = kv_.dim;
+    s_.segs.push_back({s_.n, len, micro_ ? s_.kbuf.data() + s_.n : s_.kbuf.data() + (size_t)s_.n * dim,
+                       micro_ ? kTile : dim, micro_, s_.vbuf.data() + (size_t)s_.n * dim, dim, 0, 0});
+  }
+
+  bool visible(int j, int p) const {
+    const int key = s_.kpos[j];
+    if (key > p || (s_.has_invalid && !s_.valid[j])) return false;
     return rq_.mode != kWindow || key < rq_.sink || key > p - rq_.local;
   }
 
-  void mask_and_softmax(int n, int rows) {
-    int kmin = s_.kpos[0], kmax = s_.kpos[0];
+  // Whether every key of the tile is visible to rows at positions first_pos..last_pos,
+  // given the tile's smallest and largest key.
+  bool all_visible(int kmin, int kmax, int first_pos, int last_pos) const {
+    if (s_.has_invalid || kmax > first_pos) return false;
+    return rq_.mode != kWindow || kmax < rq_.sink || kmin > last_pos - rq_.local;
+  }
+
+  void key_extent(int n, int& kmin, int& kmax) const {
+    kmin = kmax = s_.kpos[0];
     for (int j = 1; j < n; ++j) {
       kmin = std::min(kmin, s_.kpos[j]);
       kmax = std::max(kmax, s_.kpos[j]);
     }
-    const int first_pos = s_.rowpos[0], last_pos = s_.rowpos[rows - 1];
-    // Whole tile visible to every row: no per-key test.
-    bool all_visible = kmax <= first_pos;
-    if (all_visible && rq_.mode == kWindow) all_visible = kmax < rq_.sink || kmin > last_pos - rq_.local;
+  }
+
+  void fold_gemm() {
+    const int n = s_.n, rows = rows_(), dim = kv_.dim;
+    float* S = s_.scores.data();
+    const float* q = s_.q.data();
+    for (const Segment& g : s_.segs) {
+      if (g.k_dims_major) gemm_ab(rows, g.len, dim, 1.0f, q, dim, g.k, (int)g.ldk, 0.0f, S + g.col0, kTile);
+      else gemm_abt(rows, g.len, dim, 1.0f, q, dim, g.k, (int)g.ldk, 0.0f, S + g.col0, kTile);
+    }
+    int kmin, kmax;
+    key_extent(n, kmin, kmax);
+    const bool every = all_visible(kmin, kmax, s_.rowpos[0], s_.rowpos[rows - 1]);
     for (int i = 0; i < rows; ++i) {
-      float* si = s_.scores.data() + (size_t)i * kTile;
+      float* si = S + (size_t)i * kTile;
       const int p = s_.rowpos[i];
-      if (!all_visible)
+      if (!every)
         for (int j = 0; j < n; ++j)
-          if (!visible(s_.kpos[j], p)) si[j] = kNegInf;
+          if (!visible(j, p)) si[j] = kNegInf;
       const float m_new = std::max(s_.m[i], row_max(si, n));
       if (m_new == kNegInf) {  // nothing visible to this row yet
         std::fill(si, si + n, 0.0f);
@@ -335,11 +602,218 @@ class ItemRunner {
       s_.l[i] = s_.l[i] * correction + exp_shift_sum(si, n, m_new);
       s_.m[i] = m_new;
       if (correction != 1.0f) {
-        float* ai = s_.acc.data() + (size_t)i * kv_.dim;
-        for (int d = 0; d < kv_.dim; ++d) ai[d] *= correction;
+        float* ai = s_.acc.data() + (size_t)i * dim;
+        for (int d = 0; d < dim; ++d) ai[d] *= correction;
+      }
+    }
+    for (const Segment& g : s_.segs)
+      gemm_ab(rows, dim, g.len, 1.0f, S + g.col0, kTile, g.v, (int)g.ldv, 1.0f, s_.acc.data(), dim);
+  }
+
+#ifdef FASTCTX_MICRO
+  // The tile in sub-tiles of kMicroRows query rows: scores stay in L1, the tile's K/V in L2.
+  void fold_micro() {
+    const int n = s_.n, rows = rows_(), dim = kv_.dim;
+    bool ascending = true;
+    for (int j = 1; j < n; ++j) ascending &= s_.kpos[j] > s_.kpos[j - 1];
+    int kmin, kmax;
+    key_extent(n, kmin, kmax);
+    float* S = s_.scores.data();
+    for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
+      const int rr = std::min(kMicroRows, rows - r0);
+      const int first_pos = s_.rowpos[r0], last_pos = s_.rowpos[r0 + rr - 1];
+      // Keys after the sub-tile's last query are read by none of its rows.
+      const int w = ascending ? (int)(std::upper_bound(s_.kpos.begin(), s_.kpos.begin() + n, last_pos) -
+                                      s_.kpos.begin())
+                              : n;
+      if (w == 0) continue;
+      const float* q = s_.q.data() + (size_t)r0 * dim;
+      for (const Segment& g : s_.segs) {
+        const int len = std::min(g.len, w - g.col0);
+        if (len > 0) qk_rows(rr, q, dim, g.k, g.ldk, len, S + g.col0, kTile);
+      }
+      const bool every = all_visible(kmin, ascending ? s_.kpos[w - 1] : kmax, first_pos, last_pos);
+      for (int i = 0; i < rr; ++i) softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
+      float* acc = s_.acc.data() + (size_t)r0 * dim;
+      for (const Segment& g : s_.segs) {
+        const int len = std::min(g.len, w - g.col0);
+        if (len > 0) pv_rows(rr, S + g.col0, kTile, g.v, g.ldv, len, acc, dim);
       }
     }
   }
+
+  // softmax_row for unscaled scores, writing P as bf16 (zero up to `padded`) in the same pass
+  // as the exponentials: two passes over the row in all (max, then exp + sum + store).
+  void softmax_row_bf16(int row, float* si, int w, bool every, at::BFloat16* pi, int padded) {
+    if (!every) mask_row(s_.rowpos[row], si, w);
+    const float raw = row_max512(si, w);
+    const __m256i zero = _mm256_setzero_si256();
+    if (raw == kNegInf) {
+      for (int j = 0; j < padded; j += 16) _mm256_storeu_si256((__m256i*)(pi + j), zero);
+      return;
+    }
+    const float mx = raw * scale_;
+    float& m = s_.m[row];
+    if (m == kNegInf) {
+      m = mx;
+    } else if (mx > m + 8.0f) {
+      const float correction = std::exp(m - mx);
+      s_.l[row] *= correction;
+      float* ai = s_.acc.data() + (size_t)row * kv_.dim;
+      for (int d = 0; d < kv_.dim; ++d) ai[d] *= correction;
+      m = mx;
+    }
+    const __m512 sc = _mm512_set1_ps(scale_), shift = _mm512_set1_ps(-m);
+    __m512 sum = _mm512_setzero_ps();
+    int j = 0;
+    for (; j < w; j += 16) {
+      const __mmask16 mk = tail_mask(w - j);
+      const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, si + j), sc, shift)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256((__m256i*)(pi + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    for (; j < padded; j += 16) _mm256_storeu_si256((__m256i*)(pi + j), zero);
+    s_.l[row] += _mm512_reduce_add_ps(sum);
+  }
+
+  // Sets the scores of keys the row at position p does not read to -inf, 16 keys at a time.
+  void mask_row(int p, float* si, int w) const {
+    const __m512i pos = _mm512_set1_epi32(p), sink = _mm512_set1_epi32(rq_.sink);
+    const __m512i local_start = _mm512_set1_epi32(p - rq_.local);
+    const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+    for (int j = 0; j < w; j += 16) {
+      const __mmask16 mk = tail_mask(w - j);
+      const __m512i key = _mm512_maskz_loadu_epi32(mk, s_.kpos.data() + j);
+      __mmask16 hidden = _mm512_cmpgt_epi32_mask(key, pos);
+      if (rq_.mode == kWindow)
+        hidden |= ~(_mm512_cmplt_epi32_mask(key, sink) | _mm512_cmpgt_epi32_mask(key, local_start));
+      if (s_.has_invalid) {
+        const __m512i ok = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, s_.valid.data() + j));
+        hidden |= _mm512_cmpeq_epi32_mask(ok, _mm512_setzero_si512());
+      }
+      hidden &= mk;
+      if (hidden) _mm512_mask_storeu_ps(si + j, hidden, neg_inf);
+    }
+  }
+
+  // Online softmax of one row over w keys, rescaling lazily: the running max moves only when
+  // a score exceeds it by more than 8 (exp(8) ~ 3e3 stays far from float overflow), so the
+  // row's accumulator is rarely touched.
+  void softmax_row(int row, float* si, int w, bool every) {
+    if (!every) mask_row(s_.rowpos[row], si, w);
+    const float mx = row_max512(si, w);
+    if (mx == kNegInf) {  // nothing visible to this row in this tile
+      std::fill(si, si + w, 0.0f);
+      return;
+    }
+    float& m = s_.m[row];
+    if (m == kNegInf) {
+      m = mx;
+    } else if (mx > m + 8.0f) {
+      const float correction = std::exp(m - mx);
+      s_.l[row] *= correction;
+      float* ai = s_.acc.data() + (size_t)row * kv_.dim;
+      for (int d = 0; d < kv_.dim; ++d) ai[d] *= correction;
+      m = mx;
+    }
+    s_.l[row] += exp_shift_sum512(si, w, m);
+  }
+#endif
+
+
+  // ---- bf16 on AMX: keys staged in bf16, packed into VNNI 64-key chunks once per tile, then
+  // scored and accumulated with oneDNN's brgemm (AMX tiles) per 32-row sub-tile.
+  void stage_range(int start, int end) {
+    const int bs = kv_.block_size;
+    while (start < end) {
+      if (s_.n == kTile) fold();
+      const int blk = table_[start / bs], tok = start % bs;
+      const int len = std::min({end - start, bs - tok, kTile - s_.n});
+      stage_cache(blk, tok, len);
+      for (int j = 0; j < len; ++j) s_.kpos[s_.n + j] = start + j;
+      s_.n += len;
+      start += len;
+    }
+  }
+
+  void stage_cache(int blk, int tok, int len) {
+    if constexpr (std::is_same<T, at::BFloat16>::value) {
+      const int dim = kv_.dim;
+      const T* k = kv_.kp(blk, kvh_, tok);
+      const T* v = kv_.vp(blk, kvh_, tok);
+      at::BFloat16* ks = s_.kst.data() + s_.n;
+      at::BFloat16* vs = s_.vst.data() + (size_t)s_.n * dim;
+      if (kv_.kt == 1) {  // vLLM's layout: each dim's keys are contiguous
+        for (int d = 0; d < dim; ++d) std::copy(k + d * kv_.kd, k + d * kv_.kd + len, ks + (size_t)d * kTile);
+      } else {
+        for (int d = 0; d < dim; ++d)
+          for (int j = 0; j < len; ++j) ks[(size_t)d * kTile + j] = k[j * kv_.kt + d * kv_.kd];
+      }
+      if (kv_.vd == 1) {
+        for (int j = 0; j < len; ++j) std::copy(v + j * kv_.vt, v + j * kv_.vt + dim, vs + (size_t)j * dim);
+      } else {
+        for (int j = 0; j < len; ++j)
+          for (int d = 0; d < dim; ++d) vs[(size_t)j * dim + d] = v[j * kv_.vt + d * kv_.vd];
+      }
+    }
+  }
+
+  void stage_from(const float* k, int64_t ldk, const float* v, int len) {  // float K dims-major, V rows
+    const int dim = kv_.dim;
+    for (int d = 0; d < dim; ++d)
+      for (int j = 0; j < len; ++j) s_.kst[(size_t)d * kTile + s_.n + j] = at::BFloat16(k[d * ldk + j]);
+    for (int j = 0; j < len * dim; ++j) s_.vst[(size_t)s_.n * dim + j] = at::BFloat16(v[j]);
+  }
+
+#ifdef FASTCTX_MICRO
+  void fold_amx() {
+    const int n = s_.n, rows = rows_(), dim = kv_.dim;
+    const int chunks = (n + kAmxKeys - 1) / kAmxKeys, padded = chunks * kAmxKeys;
+    for (int d = 0; d < dim; ++d)  // zero keys past the tile's end: scores 0, P 0, V 0
+      std::fill(s_.kst.begin() + (size_t)d * kTile + n, s_.kst.begin() + (size_t)d * kTile + padded, at::BFloat16(0.0f));
+    std::fill(s_.vst.begin() + (size_t)n * dim, s_.vst.begin() + (size_t)padded * dim, at::BFloat16(0.0f));
+    // VNNI packs, once per tile for every sub-tile: K chunk [dim/2][kAmxKeys][2], V chunk [kAmxKeys/2][dim][2].
+    const uint16_t* kst = (const uint16_t*)s_.kst.data();
+    const uint16_t* vst = (const uint16_t*)s_.vst.data();
+    uint16_t* kpk = (uint16_t*)s_.kpack.data();
+    uint16_t* vpk = (uint16_t*)s_.vpack.data();
+    for (int c = 0; c < chunks; ++c) {
+      uint16_t* kc = kpk + (size_t)c * kAmxKeys * dim;
+      for (int d = 0; d < dim; d += 2)
+        interleave_rows(kst + (size_t)d * kTile + c * kAmxKeys, kst + (size_t)(d + 1) * kTile + c * kAmxKeys,
+                        kAmxKeys, kc + (size_t)d * kAmxKeys);
+      uint16_t* vc = vpk + (size_t)c * kAmxKeys * dim;
+      for (int j = 0; j < kAmxKeys; j += 2)
+        interleave_rows(vst + (size_t)(c * kAmxKeys + j) * dim, vst + (size_t)(c * kAmxKeys + j + 1) * dim, dim,
+                        vc + (size_t)j * dim);
+    }
+    bool ascending = true;
+    for (int j = 1; j < n; ++j) ascending &= s_.kpos[j] > s_.kpos[j - 1];
+    int kmin, kmax;
+    key_extent(n, kmin, kmax);
+    float* S = s_.scores.data();
+    at::BFloat16* P = s_.pb.data();
+    for (int r0 = 0; r0 < rows; r0 += kAmxRows) {
+      const int rr = std::min(kAmxRows, rows - r0);
+      const int first_pos = s_.rowpos[r0], last_pos = s_.rowpos[r0 + rr - 1];
+      const int w = ascending ? (int)(std::upper_bound(s_.kpos.begin(), s_.kpos.begin() + n, last_pos) -
+                                      s_.kpos.begin())
+                              : n;
+      if (w == 0) continue;
+      const int wc = (w + kAmxKeys - 1) / kAmxKeys;
+      for (int c = 0; c < wc; ++c)
+        at::native::cpublas::brgemm(rr, kAmxKeys, dim, dim, kAmxKeys, kTile, false, s_.qb.data() + (size_t)r0 * dim,
+                                    s_.kpack.data() + (size_t)c * kAmxKeys * dim, S + c * kAmxKeys, true);
+      const bool every = all_visible(kmin, ascending ? s_.kpos[w - 1] : kmax, first_pos, last_pos);
+      for (int i = 0; i < rr; ++i)
+        softmax_row_bf16(r0 + i, S + (size_t)i * kTile, w, every, P + (size_t)i * kTile, wc * kAmxKeys);
+      for (int c = 0; c < wc; ++c)
+        at::native::cpublas::brgemm(rr, dim, kAmxKeys, kTile, dim, dim, true, P + c * kAmxKeys,
+                                    s_.vpack.data() + (size_t)c * kAmxKeys * dim, s_.acc.data() + (size_t)r0 * dim,
+                                    true);
+    }
+  }
+#endif
 
   const KV<T>& kv_;
   Scratch& s_;
@@ -347,6 +821,9 @@ class ItemRunner {
   const Item& it_;
   const int* table_;
   int kvh_;
+  bool micro_, amx_;
+  float scale_;
+  std::vector<uint8_t> member_;
 };
 
 struct IndexSlot {
@@ -358,7 +835,7 @@ struct IndexSlot {
 template <typename T>
 void run_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                    const torch::Tensor& table, const std::vector<Request>& reqs,
-                   const std::vector<IndexSlot>& slots, double scale, int64_t gather_below,
+                   const std::vector<IndexSlot>& slots, double scale, int64_t gather_below, bool allow_micro,
                    torch::Tensor& out) {
   KV<T> kv(key, value);
   const int heads = (int)query.size(1), dim = (int)query.size(2), kv_heads = (int)key.size(1);
@@ -371,9 +848,22 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
   const int64_t tab_stride = table.stride(0);
   const int threads = at::get_num_threads();
 
+#ifdef FASTCTX_MICRO
+  const bool micro = allow_micro && micro_dim(dim);
+#else
+  const bool micro = false;
+#endif
+#if defined(FASTCTX_MICRO) && defined(__AVX512BF16__)
+  // bf16 on a CPU with bf16 dot products: oneDNN's brgemm (AMX tiles where present).
+  const bool amx = micro && std::is_same<T, at::BFloat16>::value && at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  const bool amx = false;
+#endif
+  const int group_rows = amx ? kAmxGroupRows : micro ? kMicroGroupRows : kGroupRows;
+  if (micro) gather_below = std::min<int64_t>(gather_below, kMicroGatherBelow);
   // Items, with a cost estimate: query rows x keys read.
   std::vector<Item> items;
-  int max_rows = std::max(kGroupRows, group);
+  int max_rows = std::max(group_rows, group);
   for (int b = 0; b < (int)reqs.size(); ++b) {
     const Request& r = reqs[b];
     if (r.mode == kSkip || r.q_len == 0) continue;
@@ -386,7 +876,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
           items.push_back({b, h, 1, t0, nt, 0, INT32_MAX, -1, 0, (double)nt * (r.position(t0 + nt - 1) + 1)});
       }
     } else {
-      const int tb = std::max(1, kGroupRows / group);
+      const int tb = std::max(1, group_rows / group);
       for (int kvh = 0; kvh < kv_heads; ++kvh)
         for (int t0 = 0; t0 < r.q_len; t0 += tb) {
           const int nt = std::min(tb, r.q_len - t0);
@@ -427,6 +917,53 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
     items.swap(split);
   }
   std::vector<float> partial(scratch_floats);
+
+  // Column panels: each index request's columns gathered once per head (see Panel).
+  struct PanelJob { int req, head; };
+  std::vector<PanelJob> jobs;
+  for (int b = 0; b < (int)reqs.size(); ++b) {
+    const Request& r = reqs[b];
+    if (r.mode != kIndex || r.q_len == 0) continue;
+    const IndexSlot& sl = slots[r.slot];
+    bool any = false;
+    const int nb = (r.q_len + sl.block_q - 1) / sl.block_q;
+    for (int h = 0; h < heads && !any; ++h)
+      for (int x = 0; x < nb * sl.nc && !any; ++x) any = sl.cols[((int64_t)h * sl.blocks + r.block0) * sl.nc + x] >= 0;
+    if (any)
+      for (int h = 0; h < heads; ++h) jobs.push_back({b, h});
+  }
+  std::vector<Panel> panels(reqs.size() * heads);
+  std::vector<std::vector<float>> panel_k(jobs.size()), panel_v(jobs.size());
+  std::vector<std::vector<int>> panel_pos(jobs.size());
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t j = 0; j < (int64_t)jobs.size(); ++j) {
+    const Request& r = reqs[jobs[j].req];
+    const int h = jobs[j].head, kvh = h / group;
+    const IndexSlot& sl = slots[r.slot];
+    const int nb = (r.q_len + sl.block_q - 1) / sl.block_q;
+    std::vector<uint8_t> seen(r.seq_len, 0);
+    const int* cc = sl.cols + ((int64_t)h * sl.blocks + r.block0) * sl.nc;
+    for (int x = 0; x < nb * sl.nc; ++x)
+      if (cc[x] >= 0 && cc[x] < r.seq_len) seen[cc[x]] = 1;
+    std::vector<int>& pos = panel_pos[j];
+    for (int c = 0; c < r.seq_len; ++c)
+      if (seen[c]) pos.push_back(c);
+    const int n = (int)pos.size();
+    if (n == 0) continue;
+    std::vector<float>& pk = panel_k[j];
+    std::vector<float>& pv = panel_v[j];
+    pk.resize((size_t)n * dim);
+    pv.resize((size_t)n * dim);
+    const int* trow = tab + (int64_t)jobs[j].req * tab_stride;
+    std::vector<float> row(dim);
+    for (int x = 0; x < n; ++x) {
+      const int blk = trow[pos[x] / kv.block_size], tok = pos[x] % kv.block_size;
+      kv.copy_k(blk, kvh, tok, 1, row.data());
+      for (int d = 0; d < dim; ++d) pk[(size_t)d * n + x] = row[d];
+      kv.copy_v(blk, kvh, tok, 1, pv.data() + (size_t)x * dim);
+    }
+    panels[(size_t)jobs[j].req * heads + h] = {pk.data(), pv.data(), pos.data(), n};
+  }
   // Costliest first, so that the long items of a batch start early.
   std::vector<int> order(items.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = (int)i;
@@ -435,7 +972,8 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
 
 #pragma omp parallel num_threads(threads)
   {
-    Scratch s(max_rows, dim);
+    Scratch s(max_rows, micro ? kMicroRows : max_rows, dim);
+    if (amx) s.enable_amx(max_rows, dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t o = 0; o < (int64_t)order.size(); ++o) {
       const Item& it = items[order[o]];
@@ -447,8 +985,12 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
         for (int g = 0; g < it.nheads; ++g) {
           const int row = t * it.nheads + g;
           const T* src = qd + (int64_t)(r.q0 + it.tok0 + t) * qt + (int64_t)(it.head0 + g) * qh;
-          float* dst = s.q.data() + (size_t)row * dim;
-          for (int d = 0; d < dim; ++d) dst[d] = to_f(src[d]) * sc;
+          if (amx) {
+            std::copy(src, src + dim, (T*)(s.qb.data() + (size_t)row * dim));
+          } else {
+            float* dst = s.q.data() + (size_t)row * dim;
+            for (int d = 0; d < dim; ++d) dst[d] = to_f(src[d]) * sc;
+          }
           s.rowpos[row] = r.position(it.tok0 + t);
         }
       std::fill(s.m.begin(), s.m.begin() + rows, kNegInf);
@@ -456,7 +998,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
       std::fill(s.acc.begin(), s.acc.begin() + (size_t)rows * dim, 0.0f);
       s.segs.clear();
       s.n = 0;
-      ItemRunner<T> run(kv, s, r, it, trow, kvh);
+      ItemRunner<T> run(kv, s, r, it, trow, kvh, micro, amx, sc);
       const int first_pos = s.rowpos[0], last_pos = s.rowpos[rows - 1];
       if (r.mode == kDense) {
         run.add_range(0, last_pos + 1, 0);
@@ -470,9 +1012,8 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
         const int* rr = sl.ranges + ((int64_t)it.head0 * sl.blocks + blk) * sl.nr * 2;
         for (int x = 0; x < sl.nr; ++x)
           run.add_range(std::max(rr[2 * x], 0), std::min(rr[2 * x + 1], last_pos + 1), (int)gather_below);
-        const int* cc = sl.cols + ((int64_t)it.head0 * sl.blocks + blk) * sl.nc;
-        for (int x = 0; x < sl.nc; ++x)
-          if (cc[x] >= 0 && cc[x] <= last_pos) run.add_column(cc[x]);
+        const Panel& panel = panels[(size_t)it.req * heads + it.head0];
+        if (panel.n) run.add_panel(panel, sl.cols + ((int64_t)it.head0 * sl.blocks + blk) * sl.nc, sl.nc, last_pos);
       }
       run.fold();
       if (it.group < 0) {
@@ -493,6 +1034,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
         std::copy(s.acc.begin(), s.acc.begin() + (size_t)rows * dim, p + 2 * rows);
       }
     }
+    if (amx) at::native::cpublas::brgemm_release(true);
   }
 
   // Merge split parts: softmax over the union = parts weighted by exp(m_part - m) / l.
@@ -538,7 +1080,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
 void paged_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor table,
                      torch::Tensor requests, torch::Tensor positions, std::vector<torch::Tensor> ranges,
                      std::vector<torch::Tensor> cols, std::vector<int64_t> block_q, double scale,
-                     int64_t gather_below, torch::Tensor out) {
+                     int64_t gather_below, bool allow_micro, torch::Tensor out) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && key.dim() == 4 && value.dim() == 4, "paged_attention: ranks");
   TORCH_CHECK(query.scalar_type() == key.scalar_type() && key.scalar_type() == value.scalar_type() &&
               out.scalar_type() == query.scalar_type(), "paged_attention: one dtype for q, k, v, out");
@@ -576,13 +1118,13 @@ void paged_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value
   }
   switch (query.scalar_type()) {
     case torch::kFloat32:
-      run_attention<float>(query, key, value, table, reqs, slots, scale, gather_below, out);
+      run_attention<float>(query, key, value, table, reqs, slots, scale, gather_below, allow_micro, out);
       break;
     case torch::kBFloat16:
-      run_attention<at::BFloat16>(query, key, value, table, reqs, slots, scale, gather_below, out);
+      run_attention<at::BFloat16>(query, key, value, table, reqs, slots, scale, gather_below, allow_micro, out);
       break;
     case torch::kFloat16:
-      run_attention<at::Half>(query, key, value, table, reqs, slots, scale, gather_below, out);
+      run_attention<at::Half>(query, key, value, table, reqs, slots, scale, gather_below, allow_micro, out);
       break;
     default:
       TORCH_CHECK(false, "paged_attention: float32, bfloat16 or float16");
@@ -730,7 +1272,27 @@ torch::Tensor pooled_keys(torch::Tensor key, torch::Tensor table_row, int64_t tk
   return out;
 }
 
+// Which inner path paged_attention takes for this dtype and head_dim on this build: "amx"
+// (bf16 through oneDNN brgemm on AMX tiles), "micro" (AVX-512 register micro-kernels, fp32
+// compute) or "sgemm" (MKL sgemm tiles, any x86-64).
+std::string kernel_path(torch::ScalarType dtype, int64_t dim, bool allow_micro) {
+#ifdef FASTCTX_MICRO
+  const bool micro = allow_micro && micro_dim((int)dim);
+#else
+  const bool micro = false;
+  (void)dim;
+  (void)allow_micro;
+#endif
+#if defined(FASTCTX_MICRO) && defined(__AVX512BF16__)
+  if (micro && dtype == torch::kBFloat16 && at::native::cpublas::could_pack(at::kBFloat16)) return "amx";
+#else
+  (void)dtype;
+#endif
+  return micro ? "micro" : "sgemm";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kernel_path", &kernel_path, "the inner path paged_attention takes for a dtype and head_dim");
   m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache, dense/window/index per request (CPU)");
   m.def("last_query_sums", &last_query_sums, "column and diagonal attention mass of a chunk's last queries (CPU)");
   m.def("pooled_keys", &pooled_keys, "mean-pooled keys of one sequence (CPU)");
