@@ -20,7 +20,7 @@ import time
 
 from fastctx.eval.texts import natural_text, token_ids
 
-from engines import build_engines, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
+from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
 
 # fastctx sections timed against stock; each computes its decodes in fastctx.
 DECODE_METHODS = {
@@ -73,13 +73,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["dense"], choices=list(DECODE_METHODS))
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", help="engine dtype (default: the one stock vLLM is fastest at on this CPU)")
     parser.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for every engine (default: all cores)")
     args = parser.parse_args(argv)
     if args.quick:
         args.context, args.new_tokens, args.batch, args.reps = 4096, 64, 4, 2
     threads = set_engine_env(args.threads_bind)
+    args.dtype = args.dtype or fast_dtype()
+    print(f"dtype={args.dtype} {machine()}", flush=True)
 
     from transformers import AutoTokenizer
 

@@ -39,9 +39,10 @@ def build_engines(model: str, max_len: int, methods: dict, dtype: str = "float32
 
 
 def fast_dtype() -> str:
-    """The dtype stock vLLM is fastest at on this CPU: bfloat16 where it has AVX512-BF16 (bf16 matmuls
-    run ~2.6x float32 there), else float32 (bf16 is emulated, ~3x slower)."""
-    return "bfloat16" if cpu_features()["avx512_bf16"] else "float32"
+    """The dtype stock vLLM is fastest at on this CPU (see ``fast_engine_dtype``)."""
+    from fastctx.kernels._cpu_ext import fast_engine_dtype
+
+    return fast_engine_dtype()
 
 
 def machine() -> dict:

@@ -23,7 +23,7 @@ import time
 from fastctx.eval.server import METHODS
 from fastctx.eval.texts import prompt_token_ids
 
-from engines import build_engines, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
+from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def prompt_top1(llm, ids: list[int], last: int) -> list[int]:
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
                         choices=list(METHODS))
     parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
                         help="override a method's fastctx section, e.g. minference='{...}'")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", help="engine dtype (default: the one stock vLLM is fastest at on this CPU)")
     parser.add_argument("--agree-last", type=int, default=512,
                         help="positions at the prompt's end for top-1 agreement with stock")
     args = parser.parse_args(argv)
@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
         name, _, section = override.partition("=")
         methods[name] = json.loads(section)
     threads = set_engine_env(args.threads_bind)
+    args.dtype = args.dtype or fast_dtype()
+    print(f"dtype={args.dtype} {machine()}", flush=True)
 
     from transformers import AutoConfig, AutoTokenizer
 

@@ -30,7 +30,7 @@ PRESETS = {
     "smoke": dict(methods="dense,minference", tasks="kv,passkey", lengths="2048", queries=2,
                   max_new_tokens=32, text_positions=128),
     # Every method and task at 2K and 4K tokens (~13 min on 2 cores).
-    "quick": dict(methods="dense,minference,flexprefill", tasks=",".join(TASKS), lengths="2048,4096",
+    "quick": dict(methods="stock,dense,minference,flexprefill", tasks=",".join(TASKS), lengths="2048,4096",
                   queries=2, max_new_tokens=32, text_positions=256),
 }
 DEFAULTS = dict(methods="dense,minference,flexprefill", tasks=",".join(TASKS), lengths="2048,4096,8000",
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
                      help="extra vLLM server flag (repeat), e.g. --server-arg=--max-num-batched-tokens=512")
     run.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per server")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"],
+                     help="engine dtype (default: the one stock vLLM is fastest at on this CPU: bfloat16 "
+                     "with AVX512-BF16, else float32)")
     run.add_argument("--request-timeout", type=float, default=600)
     rep = sub.add_parser("report", help="rebuild results.json, report.md and the plots of a run directory")
     rep.add_argument("out")
@@ -125,7 +128,16 @@ def resolve(args) -> RunSpec:
                    max_new_tokens=pick["max_new_tokens"], data_dir=args.data_dir,
                    text_positions=pick["text_positions"], replicas=args.replicas, url=args.url,
                    server_args=args.server_arg, kv_space_gib=args.kv_space_gib,
-                   request_timeout=args.request_timeout)
+                   request_timeout=args.request_timeout, dtype=args.dtype or _fast_dtype())
+
+
+def _fast_dtype() -> str:
+    from fastctx.kernels._cpu_ext import cpu_features, fast_engine_dtype
+
+    dtype = fast_engine_dtype()
+    found = [name for name, on in cpu_features().items() if on]
+    print(f"fastctx-eval: engine dtype {dtype} (CPU features found: {', '.join(found) or 'none'})", flush=True)
+    return dtype
 
 
 def _settings(identity: dict, methods: dict) -> dict:

@@ -100,14 +100,18 @@ def aggregate(out_dir: Path) -> dict:
 
 
 def _add_speedups(methods: dict) -> None:
-    ref = methods.get(REFERENCE)
-    for stats in methods.values():
-        pairs = [(stats["overall"], ref and ref["overall"])]
-        pairs += [(mine, ref and ref["tasks"].get(task)) for task, mine in stats["tasks"].items()]
-        for mine, theirs in pairs:
-            a = theirs and theirs["ttft_first_turn_p50_s"]
-            b = mine["ttft_first_turn_p50_s"]
-            mine["speedup_vs_dense"] = a / b if a and b else None
+    """First-turn TTFT speedups against fastctx ``dense`` and, when it ran, stock vLLM."""
+    for base in (REFERENCE, "stock"):
+        ref = methods.get(base)
+        for stats in methods.values():
+            pairs = [(stats["overall"], ref and ref["overall"])]
+            pairs += [(mine, ref and ref["tasks"].get(task)) for task, mine in stats["tasks"].items()]
+            pairs += [(mine, ref and ref["by_length"].get(task, {}).get(n))
+                      for task, by_len in stats["by_length"].items() for n, mine in by_len.items()]
+            for mine, theirs in pairs:
+                a = theirs and theirs["ttft_first_turn_p50_s"]
+                b = mine["ttft_first_turn_p50_s"]
+                mine[f"speedup_vs_{base}"] = a / b if a and b else None
 
 
 def _fmt(value, digits=3):
@@ -140,8 +144,8 @@ def markdown(results: dict) -> str:
             cells.append(f"{_fmt(st.get('ttft_first_turn_p50_s'))} ({_fmt(st.get('speedup_vs_dense'))}x)")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Per method, all tasks", "",
-              "| method | score | TTFT p50 / p90 s | first-turn TTFT p50 s | speedup | decode tok/s | "
-              "prompt tok | cached tok | KV peak | density | answer top-1 / KL | text top-1 / KL |",
+              "| method | score | TTFT p50 / p90 s | first-turn TTFT p50 s | speedup vs dense / stock | "
+              "decode tok/s | prompt tok | cached tok | KV peak | density | answer top-1 / KL | text top-1 / KL |",
               "|---" * 12 + "|"]
     for m, s in methods.items():
         o, fid = s["overall"], s["fidelity_vs_dense"] or {}
@@ -149,7 +153,8 @@ def markdown(results: dict) -> str:
             return "ref" if m == REFERENCE else (
                 f"{_fmt(part['top1_agree'])} / {_fmt(part['kl_nats'])}" if part else "-")
         lines.append(f"| {m} | {_fmt(o['score'])} | {_fmt(o['ttft_p50_s'])} / {_fmt(o['ttft_p90_s'])} | "
-                     f"{_fmt(o['ttft_first_turn_p50_s'])} | {_fmt(o.get('speedup_vs_dense'))} | "
+                     f"{_fmt(o['ttft_first_turn_p50_s'])} | {_fmt(o.get('speedup_vs_dense'))} / "
+                     f"{_fmt(o.get('speedup_vs_stock'))} | "
                      f"{_fmt(o['decode_tok_s'])} | {_fmt(o['prompt_tokens'])} | {_fmt(o['cached_tokens'])} | "
                      f"{_fmt(o['kv_usage_peak'])} | {_fmt(o['density'])} | {agree(fid.get('answer_span'))} | "
                      f"{agree(fid.get('natural_text'))} |")
@@ -168,7 +173,7 @@ def markdown(results: dict) -> str:
         lines += ["", "## Server incidents", ""]
         lines += [f"- {e['method']} replica {e.get('replica', 0)}: {e['event']} "
                   f"({e.get('item', '')}) {e.get('error', '')[:200]}" for e in results["events"]]
-    lines += ["", "Plots: `score.png`, `ttft_vs_length.png`."]
+    lines += ["", "Plots: `score.png`, `ttft_vs_length.png`, `speedup_vs_fidelity.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +219,36 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "ttft_vs_length.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+    paths.append(_speedup_vs_fidelity(plt, methods, out_dir))
     return paths
+
+
+def _speedup_vs_fidelity(plt, methods: dict, out_dir: Path) -> Path:
+    """Per method and length: first-turn TTFT speedup (vs stock vLLM when it ran, else vs dense)
+    against teacher-forced top-1 agreement with dense on natural text (measured at the longest length)."""
+    base = "stock" if "stock" in methods else REFERENCE
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, s in methods.items():
+        fid = (s.get("fidelity_vs_dense") or {}).get("natural_text")
+        top1 = 1.0 if m in (REFERENCE, "stock") else fid and fid.get("top1_agree")
+        if top1 is None:
+            continue
+        lengths = sorted({int(n) for by_len in s["by_length"].values() for n in by_len})
+        for n in lengths:
+            speedups = [by_len[str(n)].get(f"speedup_vs_{base}") for by_len in s["by_length"].values()
+                        if str(n) in by_len]
+            speedups = [x for x in speedups if x]
+            if speedups:
+                ax.scatter(top1, np.median(speedups), label=f"{m} @ {n}")
+                ax.annotate(f"{m} {n}", (top1, np.median(speedups)), fontsize=7)
+    ax.set_xlabel("text top-1 agreement with dense (longest length)")
+    ax.set_ylabel(f"first-turn TTFT speedup vs {base}")
+    ax.set_title("Speed against fidelity")
+    fig.tight_layout()
+    path = out_dir / "speedup_vs_fidelity.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(out_dir: Path) -> Path:

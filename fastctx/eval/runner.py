@@ -44,12 +44,13 @@ class RunSpec:
     server_args: list[str] = field(default_factory=list)
     kv_space_gib: int = 2
     request_timeout: float = 600
+    dtype: str = "float32"
     context_limit: int = 8192  # the model's context; set from its config
 
     def identity(self) -> dict:
         """What the stored items mean: a rerun into the same directory must agree on these."""
         return {k: getattr(self, k) for k in ("model", "mode", "queries", "sessions", "seed",
-                                              "max_new_tokens", "data_dir", "text_positions")}
+                                              "max_new_tokens", "data_dir", "text_positions", "dtype")}
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Replica:
         self.spec, self.method, self.index = spec, method, index
         self.server = None if spec.url else VllmServer(
             spec.model, spec.methods[method], Path(out_dir) / "logs" / f"{method}.{index}.log",
-            spec.context_limit, cores, spec.kv_space_gib, spec.server_args)
+            spec.context_limit, cores, spec.kv_space_gib, spec.server_args, spec.dtype)
         self.url = spec.url
         self.ever_started = False
         self._emit = emit

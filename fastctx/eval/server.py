@@ -69,16 +69,18 @@ class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` for one method, on a free port."""
 
     def __init__(self, model: str, section: dict | None, log_path: Path, max_model_len: int,
-                 cores: str | None = None, kv_space_gib: int = 2, extra_args: list[str] = ()):
+                 cores: str | None = None, kv_space_gib: int = 2, extra_args: list[str] = (),
+                 dtype: str = "float32"):
         self.model, self.section, self.log_path = model, section, Path(log_path)
         self.max_model_len, self.cores, self.kv_space_gib = max_model_len, cores, kv_space_gib
         self.extra_args = list(extra_args)
+        self.dtype = dtype
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def command(self, port: int) -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
+                "--port", str(port), "--host", "127.0.0.1", "--dtype", self.dtype, "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
                 "--enable-prompt-tokens-details", "--max-logprobs", "20",
                 "--worker-extension-cls", "fastctx.vllm_plugin.worker.FastctxWorkerExtension",
