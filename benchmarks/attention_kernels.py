@@ -11,11 +11,12 @@ with vLLM's own writer. Timed on it:
   out of the cache, then torch SDPA (merging prefix and chunk by log-sum-exp).
 
 Cases are a fresh prefill of N tokens, or a chunk of C tokens after a cached
-prefix of P (chunked prefill, prefix-cache hits). Error is the largest absolute
+prefix of P (chunked prefill, prefix-cache hits; C = 5 is a speculative-decoding
+verification of 4 drafts). Error is the largest absolute
 difference from the float32 reference on 128 sampled query rows. The last line
 printed is one JSON object.
 
-    python benchmarks/attention_kernels.py --quick        # 8K fresh, and 512 tokens after a 4K prefix
+    python benchmarks/attention_kernels.py --quick        # 8K fresh; 512 and 5 tokens after a 4K prefix
     python benchmarks/attention_kernels.py --cases 0:2048 0:4096 0:8192 0:16384 4096:512 4096:4096
 """
 
@@ -136,8 +137,9 @@ def measure(prefix: int, chunk: int, reps: int, dtype: torch.dtype) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="0:8192 and 4096:512, 3 reps")
-    parser.add_argument("--cases", nargs="+", default=["0:2048", "0:4096", "0:8192", "4096:512", "4096:4096"],
+    parser.add_argument("--quick", action="store_true", help="0:8192, 4096:512 and 4096:5, 3 reps")
+    parser.add_argument("--cases", nargs="+",
+                        default=["0:2048", "0:4096", "0:8192", "4096:512", "4096:4096", "4096:5"],
                         help="PREFIX:CHUNK token counts")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -145,7 +147,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     if args.quick:
-        args.cases, args.reps = ["0:8192", "4096:512"], 3
+        args.cases, args.reps = ["0:8192", "4096:512", "4096:5"], 3
     torch.set_num_threads(args.threads)
     from engines import fast_dtype, machine  # noqa: E402  (benchmarks/ is on sys.path)
 

@@ -29,7 +29,7 @@ from fastctx.kernels import sparse
 from fastctx.kernels.attention import Read, paged_attention
 from fastctx.kernels.sparse import dense_index, reference_sparse_rows, vertical_slash_index
 
-from attention_kernels import best_ms, vllm_cache, vllm_kernel  # noqa: E402  (benchmarks/ is on sys.path)
+from attention_kernels import best_ms, vllm_cache, vllm_isa, vllm_kernel  # noqa: E402  (benchmarks/ is on sys.path)
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 
@@ -64,6 +64,8 @@ def run(n: int, targets: list[float], reps: int, dtype: torch.dtype) -> list[dic
     v = torch.randn(n, KV_HEADS, DIM, generator=g).to(dtype)
     cache, key_cache, value_cache, table = vllm_cache(k, v)
     kv = cpu_paged_kv(cache)
+    isa = vllm_isa(dtype)  # vLLM's kernel over its own layout for this dtype (AMX tiles for bf16 here)
+    _, vllm_key, vllm_value, vllm_table = vllm_cache(k, v, isa=isa)
     scale = DIM ** -0.5
     out = torch.empty_like(q)
 
@@ -73,7 +75,7 @@ def run(n: int, targets: list[float], reps: int, dtype: torch.dtype) -> list[dic
     dense = {
         "sdpa": best_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True),
                         max(1, reps - 1), warmup=False),
-        "vllm": best_ms(vllm_kernel(q, key_cache, value_cache, table, n, 0, scale), max(1, reps - 1)),
+        "vllm": best_ms(vllm_kernel(q, vllm_key, vllm_value, vllm_table, n, 0, scale, isa=isa), max(1, reps - 1)),
         "fastctx_dense": best_ms(lambda: attend(Read.DENSE), max(1, reps - 1)),
     }
     fastest = min(dense, key=dense.get)
@@ -120,6 +122,8 @@ def main(argv=None) -> dict:
     from engines import fast_dtype, machine  # noqa: E402
 
     dtype_name = args.dtype or fast_dtype()
+    if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
+        torch._C._cpu._init_amx()  # vLLM's AMX kernel needs the process's AMX permission
     print(f"threads={args.threads} heads={HEADS}/{KV_HEADS} head_dim={DIM} {dtype_name}")
     rows = [row for n in args.tokens for row in run(n, args.densities, args.reps, getattr(torch, dtype_name))]
     result = {**rows[-1], "threads": args.threads, "dtype": dtype_name, **machine()}

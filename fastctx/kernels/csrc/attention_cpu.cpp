@@ -46,6 +46,7 @@ constexpr int kTile = 512;     // keys per tile: K/V of a tile stay in L2 while 
 constexpr int kGroupRows = 128;  // packed query rows (tokens x heads) per grouped item, sgemm path
 constexpr int kMicroRows = 12;   // query rows per register-blocked sub-tile (micro-kernel path)
 constexpr int kAmxRows = 64;     // query rows per AMX sub-tile (one brgemm call scores them all)
+constexpr int kAmxMinRows = 48;  // fewer query rows in an item: micro-kernels instead of AMX
 constexpr int kAmxKeys = 128;    // keys per VNNI-packed K/V chunk of the AMX path (one brgemm each)
 constexpr int kMicroGatherBelow = 8;  // the micro-kernels read ranges in place down to this length
 constexpr int kMicroGroupRows = 384;
@@ -147,7 +148,7 @@ inline float exp_shift_sum(float* s, int n, float shift) {
 }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 // Register-blocked micro-kernels for AVX-512 hosts. K is read dims-major (vLLM's CPU
 // cache layout, [head_dim][keys] with a stride), V row-major: both straight from the
 // cache, no packing, with the packed query rows broadcast from memory.
@@ -190,17 +191,25 @@ inline float exp_shift_sum512(float* s, int n, float shift) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// 16 keys' values as floats: float loads as they are, bf16 widened on load (the top half of
+// a float), so bf16 caches are read in place.
+inline __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 mk) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 // S[r][0:cols] = q[r] . K[:, 0:cols] for R rows, cols <= 32; K dims-major with stride ldk.
 // Two key vectors by up to 12 rows: each K load feeds 12 FMAs, so the K tile streams from
 // L2 at half the rate a wider, shorter block would need.
-template <int R>
-inline void qk_micro(const float* q, int dim, const float* k, int64_t ldk, int cols, float* s, int lds) {
+template <int R, typename TK>
+inline void qk_micro(const float* q, int dim, const TK* k, int64_t ldk, int cols, float* s, int lds) {
   const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : (__mmask16)0;
   __m512 acc0[R], acc1[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   for (int d = 0; d < dim; ++d) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, k + d * ldk), b1 = _mm512_maskz_loadu_ps(m1, k + d * ldk + 16);
+    const __m512 b0 = load16(k + d * ldk, m0), b1 = load16(k + d * ldk + 16, m1);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(q[r * dim + d]);
@@ -216,8 +225,8 @@ inline void qk_micro(const float* q, int dim, const float* k, int64_t ldk, int c
 }
 
 // acc[r][0:16*NV] += P[r][0:n] . V[0:n][:] for R rows; V row-major with stride ldv.
-template <int R, int NV>
-inline void pv_micro(const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
+template <int R, int NV, typename TV>
+inline void pv_micro(const float* p, int ldp, const TV* v, int64_t ldv, int n, float* acc, int dim) {
   __m512 c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -226,7 +235,7 @@ inline void pv_micro(const float* p, int ldp, const float* v, int64_t ldv, int n
   for (int j = 0; j < n; ++j) {
     __m512 b[NV];
 #pragma GCC unroll 8
-    for (int x = 0; x < NV; ++x) b[x] = _mm512_loadu_ps(v + j * ldv + 16 * x);
+    for (int x = 0; x < NV; ++x) b[x] = load16(v + j * ldv + 16 * x, (__mmask16)0xFFFF);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(p[r * ldp + j]);
@@ -261,41 +270,43 @@ inline void interleave_rows(const uint16_t* a, const uint16_t* b, int len, uint1
 }
 
 // Scores of `rows` (<= kMicroRows) packed queries against `cols` dims-major keys.
-inline void qk_rows(int rows, const float* q, int dim, const float* k, int64_t ldk, int cols, float* s, int lds) {
+template <typename TK>
+inline void qk_rows(int rows, const float* q, int dim, const TK* k, int64_t ldk, int cols, float* s, int lds) {
   for (int c0 = 0; c0 < cols; c0 += 32) {
     const int c = std::min(32, cols - c0);
     switch (rows) {
-#define FASTCTX_QK(R) case R: qk_micro<R>(q, dim, k + c0, ldk, c, s + c0, lds); break;
+#define FASTCTX_QK(R) case R: qk_micro<R, TK>(q, dim, k + c0, ldk, c, s + c0, lds); break;
       FASTCTX_QK(1) FASTCTX_QK(2) FASTCTX_QK(3) FASTCTX_QK(4) FASTCTX_QK(5) FASTCTX_QK(6)
       FASTCTX_QK(7) FASTCTX_QK(8) FASTCTX_QK(9) FASTCTX_QK(10) FASTCTX_QK(11)
 #undef FASTCTX_QK
-      default: qk_micro<12>(q, dim, k + c0, ldk, c, s + c0, lds); break;
+      default: qk_micro<12, TK>(q, dim, k + c0, ldk, c, s + c0, lds); break;
     }
   }
 }
 
-template <int NV>
-inline void pv_rows_nv(int rows, const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
+template <int NV, typename TV>
+inline void pv_rows_nv(int rows, const float* p, int ldp, const TV* v, int64_t ldv, int n, float* acc, int dim) {
   constexpr int RP = NV >= 8 ? 3 : 6;  // 24 accumulators at most
   for (int r0 = 0; r0 < rows; r0 += RP) {
     const int rr = std::min(RP, rows - r0);
     const float* pr = p + r0 * ldp;
     float* ar = acc + r0 * dim;
     switch (rr) {
-      case 1: pv_micro<1, NV>(pr, ldp, v, ldv, n, ar, dim); break;
-      case 2: pv_micro<2, NV>(pr, ldp, v, ldv, n, ar, dim); break;
-      case 3: pv_micro<3, NV>(pr, ldp, v, ldv, n, ar, dim); break;
-      case 4: pv_micro<4, NV>(pr, ldp, v, ldv, n, ar, dim); break;
-      case 5: pv_micro<5, NV>(pr, ldp, v, ldv, n, ar, dim); break;
-      default: pv_micro<RP, NV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 1: pv_micro<1, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 2: pv_micro<2, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 3: pv_micro<3, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 4: pv_micro<4, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
+      case 5: pv_micro<5, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
+      default: pv_micro<RP, NV, TV>(pr, ldp, v, ldv, n, ar, dim); break;
     }
   }
 }
 
-inline void pv_rows(int rows, const float* p, int ldp, const float* v, int64_t ldv, int n, float* acc, int dim) {
-  if (dim == 32) pv_rows_nv<2>(rows, p, ldp, v, ldv, n, acc, dim);
-  else if (dim == 64) pv_rows_nv<4>(rows, p, ldp, v, ldv, n, acc, dim);
-  else pv_rows_nv<8>(rows, p, ldp, v, ldv, n, acc, dim);
+template <typename TV>
+inline void pv_rows(int rows, const float* p, int ldp, const TV* v, int64_t ldv, int n, float* acc, int dim) {
+  if (dim == 32) pv_rows_nv<2, TV>(rows, p, ldp, v, ldv, n, acc, dim);
+  else if (dim == 64) pv_rows_nv<4, TV>(rows, p, ldp, v, ldv, n, acc, dim);
+  else pv_rows_nv<8, TV>(rows, p, ldp, v, ldv, n, acc, dim);
 }
 #endif
 
@@ -370,6 +381,8 @@ struct Segment {
   const float* v;
   int64_t ldv;
   int blk, tok;  // where V is, when v is null
+  const at::BFloat16* kb = nullptr;  // bf16 K/V read in place (micro-kernels widen them on load)
+  const at::BFloat16* vb = nullptr;
 };
 
 struct Scratch {
@@ -381,17 +394,34 @@ struct Scratch {
   std::vector<Segment> segs;
   int n = 0;  // keys in the current tile
   bool has_invalid = false;
-  Scratch(int rows, int score_rows, int dim)
-      : q((size_t)rows * dim), scores((size_t)score_rows * kTile), acc((size_t)rows * dim), m(rows), l(rows),
-        kbuf((size_t)kTile * dim), vbuf((size_t)kTile * dim), rowpos(rows), kpos(kTile), valid(kTile, 1) {}
-  void enable_amx(int rows, int dim) {
-    qb.resize((size_t)rows * dim);
-    kst.resize((size_t)dim * kTile);
-    vst.resize((size_t)kTile * dim);
-    kpack.resize((size_t)dim * kTile);
-    vpack.resize((size_t)kTile * dim);
-    pb.resize((size_t)kAmxRows * kTile);
-    scores.resize(std::max(scores.size(), (size_t)kAmxRows * kTile));
+  // Buffers only grow: a thread keeps its scratch from call to call (a decode step's attention
+  // takes well under a millisecond; allocating and zeroing ~1 MB each call would show).
+  template <typename V>
+  static void grow(V& v, size_t n, typename V::value_type fill = {}) {
+    if (v.size() < n) v.resize(n, fill);
+  }
+  void ensure(int rows, int score_rows, int dim, bool amx) {
+    grow(q, (size_t)rows * dim);
+    grow(scores, (size_t)std::max(score_rows, amx ? kAmxRows : 0) * kTile);
+    grow(acc, (size_t)rows * dim);
+    grow(m, rows);
+    grow(l, rows);
+    grow(kbuf, (size_t)kTile * dim);
+    grow(vbuf, (size_t)kTile * dim);
+    grow(rowpos, rows);
+    grow(kpos, kTile);
+    grow(valid, kTile, (uint8_t)1);
+    if (amx) {
+      grow(qb, (size_t)rows * dim);
+      grow(kst, (size_t)dim * kTile);
+      grow(vst, (size_t)kTile * dim);
+      grow(kpack, (size_t)dim * kTile);
+      grow(vpack, (size_t)kTile * dim);
+      grow(pb, (size_t)kAmxRows * kTile);
+    }
+    segs.clear();
+    n = 0;
+    has_invalid = false;
   }
 };
 
@@ -428,6 +458,18 @@ class ItemRunner {
       if (s_.n == kTile) fold();
       const int blk = table_[start / bs], tok = start % bs;
       const int len = std::min({end - start, bs - tok, kTile - s_.n});
+      if constexpr (std::is_same<T, at::BFloat16>::value) {
+        if (micro_ && kv_.kt == 1 && kv_.kd != 1 && kv_.vd == 1) {  // vLLM's bf16 layout, read in place
+          Segment g{s_.n, len, nullptr, kv_.kd, true, nullptr, kv_.vt, blk, tok};
+          g.kb = kv_.kp(blk, kvh_, tok);
+          g.vb = kv_.vp(blk, kvh_, tok);
+          s_.segs.push_back(g);
+          for (int j = 0; j < len; ++j) s_.kpos[s_.n + j] = start + j;
+          s_.n += len;
+          start += len;
+          continue;
+        }
+      }
       if (micro_ ? kv_.k_cols() : kv_.k_rows() || kv_.k_cols()) {
         const bool dims_major = kv_.k_cols();
         s_.segs.push_back({s_.n, len, (const float*)kv_.kp(blk, kvh_, tok), dims_major ? kv_.kd : kv_.kt,
@@ -495,7 +537,7 @@ class ItemRunner {
     }
 #endif
     for (Segment& g : s_.segs)  // V not row-major in place: one copy per tile
-      if (!g.v) {
+      if (!g.v && !g.vb) {
         kv_.copy_v(g.blk, kvh_, g.tok, g.len, s_.vbuf.data() + (size_t)g.col0 * kv_.dim);
         g.v = s_.vbuf.data() + (size_t)g.col0 * kv_.dim;
         g.ldv = kv_.dim;
@@ -630,14 +672,18 @@ class ItemRunner {
       const float* q = s_.q.data() + (size_t)r0 * dim;
       for (const Segment& g : s_.segs) {
         const int len = std::min(g.len, w - g.col0);
-        if (len > 0) qk_rows(rr, q, dim, g.k, g.ldk, len, S + g.col0, kTile);
+        if (len <= 0) continue;
+        if (g.kb) qk_rows(rr, q, dim, g.kb, g.ldk, len, S + g.col0, kTile);
+        else qk_rows(rr, q, dim, g.k, g.ldk, len, S + g.col0, kTile);
       }
       const bool every = all_visible(kmin, ascending ? s_.kpos[w - 1] : kmax, first_pos, last_pos);
       for (int i = 0; i < rr; ++i) softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
       float* acc = s_.acc.data() + (size_t)r0 * dim;
       for (const Segment& g : s_.segs) {
         const int len = std::min(g.len, w - g.col0);
-        if (len > 0) pv_rows(rr, S + g.col0, kTile, g.v, g.ldv, len, acc, dim);
+        if (len <= 0) continue;
+        if (g.vb) pv_rows(rr, S + g.col0, kTile, g.vb, g.ldv, len, acc, dim);
+        else pv_rows(rr, S + g.col0, kTile, g.v, g.ldv, len, acc, dim);
       }
     }
   }
@@ -972,8 +1018,8 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
 
 #pragma omp parallel num_threads(threads)
   {
-    Scratch s(max_rows, micro ? kMicroRows : max_rows, dim);
-    if (amx) s.enable_amx(max_rows, dim);
+    static thread_local Scratch s;
+    s.ensure(max_rows, micro ? kMicroRows : max_rows, dim, amx);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t o = 0; o < (int64_t)order.size(); ++o) {
       const Item& it = items[order[o]];
@@ -985,7 +1031,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
         for (int g = 0; g < it.nheads; ++g) {
           const int row = t * it.nheads + g;
           const T* src = qd + (int64_t)(r.q0 + it.tok0 + t) * qt + (int64_t)(it.head0 + g) * qh;
-          if (amx) {
+          if (amx && rows >= kAmxMinRows) {
             std::copy(src, src + dim, (T*)(s.qb.data() + (size_t)row * dim));
           } else {
             float* dst = s.q.data() + (size_t)row * dim;
@@ -998,7 +1044,9 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
       std::fill(s.acc.begin(), s.acc.begin() + (size_t)rows * dim, 0.0f);
       s.segs.clear();
       s.n = 0;
-      ItemRunner<T> run(kv, s, r, it, trow, kvh, micro, amx, sc);
+      // AMX pays for packing a tile only across many query rows: decodes and short chunks take the
+      // micro-kernels, reading the bf16 cache in place.
+      ItemRunner<T> run(kv, s, r, it, trow, kvh, micro, amx && rows >= kAmxMinRows, sc);
       const int first_pos = s.rowpos[0], last_pos = s.rowpos[rows - 1];
       if (r.mode == kDense) {
         run.add_range(0, last_pos + 1, 0);
