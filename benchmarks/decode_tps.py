@@ -36,6 +36,14 @@ def prompts(tokenizer, batch: int, context: int) -> list[list[int]]:
     return [ids[i * context:(i + 1) * context] for i in range(batch)]
 
 
+def agreeing_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def decode_run(llm, batch: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     """Decode tokens/s of one batch over its decode-only window, and the generated tokens."""
     from vllm import SamplingParams
@@ -109,6 +117,8 @@ def main(argv=None) -> dict:
     for name in args.methods:
         result[f"decode_tps_ratio_{name}"] = round(result[f"decode_tps_{name}"] / result["decode_tps_stock"], 3)
         result[f"same_tokens_{name}"] = outputs[name] == outputs["stock"]
+        # In bf16 any rounding difference can flip a near-tie, after which greedy texts part ways.
+        result[f"agreeing_prefix_{name}"] = [agreeing_prefix(a, b) for a, b in zip(outputs[name], outputs["stock"])]
     print(json.dumps(result))
     return result
 

@@ -167,17 +167,19 @@ def test_paged_attention(impl, layout, reads, dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("impl", PAGED_IMPLS)
-@pytest.mark.parametrize("dim", [64, 80, 128], ids=["d64", "d80", "d128"])
-def test_paged_attention_split_keys_for_few_items(impl, dim):
-    """One long decode over one KV head is split along the keys across threads and merged."""
+@pytest.mark.parametrize("dim", [32, 64, 80, 128], ids=["d32", "d64", "d80", "d128"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_paged_attention_split_keys_for_few_items(impl, dim, dtype):
+    """One long decode over one KV head is split along the keys across threads and merged (in bf16
+    on AVX512-BF16 hosts: the bf16-pair micro-kernels, every head_dim they take)."""
     g = torch.Generator().manual_seed(3)
-    k, v = torch.randn(1, 5000, dim, generator=g), torch.randn(1, 5000, dim, generator=g)
+    k, v = (torch.randn(1, 5000, dim, generator=g).to(dtype) for _ in range(2))
     kv, table = paged_copy([(k, v)], "vllm_cpu", block_size=128)
-    query = torch.randn(1, 2, dim, generator=g)
+    query = torch.randn(1, 2, dim, generator=g).to(dtype)
     for read in (Read.DENSE, Read.window(7, 900)):
         got = PAGED_IMPLS[impl](query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
         want = reference_paged_attention(query, kv, table, [0, 1], [5000], [read], scale=dim ** -0.5)
-        _close(got, want, torch.float32)
+        _close(got, want, dtype)
 
 
 def test_paged_attention_explicit_positions_equal_dense_rows():

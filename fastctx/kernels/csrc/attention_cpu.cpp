@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -251,6 +252,183 @@ inline void pv_micro(const float* p, int ldp, const TV* v, int64_t ldv, int n, f
 
 inline bool micro_dim(int dim) { return dim == 32 || dim == 64 || dim == 128; }
 
+#ifdef __AVX512BF16__
+// bf16 pairs (vdpbf16ps) for bf16 caches read in place: two dims (QK) or two keys (PV) per
+// multiply, no widening. Interleaving two rows with unpacklo/hi_epi16 permutes columns within
+// 128-bit lanes; kPairOrder maps the "lo"/"hi" results back to natural column order.
+alignas(64) constexpr int kPairOrder[32] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
+                                            8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+// Natural columns 0..31 (two vectors) into the "lo" and "hi" order.
+alignas(64) constexpr int kPairLo[16] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+alignas(64) constexpr int kPairHi[16] = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+inline __m512i bf16_pair(const at::BFloat16* p) {  // p[0], p[1] broadcast as one 32-bit pair
+  uint32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return _mm512_set1_epi32((int)pair);
+}
+
+// Unscaled S[r][0:cols] = q[r] . K[:, 0:cols], cols <= 32 * NCH, bf16 queries and dims-major
+// bf16 K. Few rows (decodes) take NCH = 4: a whole 128-key cache block per pair of dim rows, so K
+// is read sequentially (32-key slices would touch head_dim lines at once, too many streams for
+// the hardware prefetcher).
+template <int R, int NCH>
+inline void qk_pairs(const at::BFloat16* q, int dim, const at::BFloat16* k, int64_t ldk, int cols, float* s,
+                     int lds, const at::BFloat16* next_k) {
+  __mmask32 mk[NCH];
+#pragma GCC unroll 4
+  for (int c = 0; c < NCH; ++c) {
+    const int left = cols - 32 * c;
+    mk[c] = left >= 32 ? (__mmask32)0xFFFFFFFFu : left <= 0 ? (__mmask32)0 : (__mmask32)((1u << left) - 1);
+  }
+  __m512 lo[R][NCH], hi[R][NCH];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NCH; ++c) lo[r][c] = hi[r][c] = _mm512_setzero_ps();
+  for (int d = 0; d < dim; d += 2) {
+    if (next_k)
+#pragma GCC unroll 4
+      for (int c = 0; c < NCH; ++c) {
+        _mm_prefetch((const char*)(next_k + d * ldk + 32 * c), _MM_HINT_T1);
+        _mm_prefetch((const char*)(next_k + (d + 1) * ldk + 32 * c), _MM_HINT_T1);
+      }
+    __m512bh a[NCH], b[NCH];
+#pragma GCC unroll 4
+    for (int c = 0; c < NCH; ++c) {
+      const __m512i k0 = _mm512_maskz_loadu_epi16(mk[c], k + d * ldk + 32 * c);
+      const __m512i k1 = _mm512_maskz_loadu_epi16(mk[c], k + (d + 1) * ldk + 32 * c);
+      a[c] = as_bh(_mm512_unpacklo_epi16(k0, k1));
+      b[c] = as_bh(_mm512_unpackhi_epi16(k0, k1));
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qq = as_bh(bf16_pair(q + r * dim + d));
+#pragma GCC unroll 4
+      for (int c = 0; c < NCH; ++c) {
+        lo[r][c] = _mm512_dpbf16_ps(lo[r][c], a[c], qq);
+        hi[r][c] = _mm512_dpbf16_ps(hi[r][c], b[c], qq);
+      }
+    }
+  }
+  const __m512i o0 = _mm512_load_si512(kPairOrder), o1 = _mm512_load_si512(kPairOrder + 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NCH; ++c) {
+      const int left = cols - 32 * c;
+      if (left <= 0) break;
+      const __mmask16 m0 = tail_mask(left), m1 = left > 16 ? tail_mask(left - 16) : (__mmask16)0;
+      _mm512_mask_storeu_ps(s + r * lds + 32 * c, m0, _mm512_permutex2var_ps(lo[r][c], o0, hi[r][c]));
+      _mm512_mask_storeu_ps(s + r * lds + 32 * c + 16, m1, _mm512_permutex2var_ps(lo[r][c], o1, hi[r][c]));
+    }
+}
+
+// acc[r][0:32*NC] += P[r][0:n] . V[0:n][:], bf16 P (row stride ldp) and row-major bf16 V.
+template <int R, int NC>
+inline void pv_pairs(const at::BFloat16* p, int ldp, const at::BFloat16* v, int64_t ldv, int n, float* acc, int dim,
+                     const at::BFloat16* next_v) {
+  const __m512i ilo = _mm512_load_si512(kPairLo), ihi = _mm512_load_si512(kPairHi);
+  __m512 lo[R][NC], hi[R][NC];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m512 a0 = _mm512_loadu_ps(acc + r * dim + 32 * c), a1 = _mm512_loadu_ps(acc + r * dim + 32 * c + 16);
+      lo[r][c] = _mm512_permutex2var_ps(a0, ilo, a1);
+      hi[r][c] = _mm512_permutex2var_ps(a0, ihi, a1);
+    }
+  for (int j = 0; j < n; j += 2) {
+    if (next_v)
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) {
+        _mm_prefetch((const char*)(next_v + j * ldv + 32 * c), _MM_HINT_T1);
+        _mm_prefetch((const char*)(next_v + (j + 1) * ldv + 32 * c), _MM_HINT_T1);
+      }
+    const bool pair = j + 1 < n;  // an odd tail pairs the last key with zeros
+    __m512bh bl[NC], bh[NC];
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      const __m512i v0 = _mm512_loadu_si512(v + j * ldv + 32 * c);
+      const __m512i v1 = pair ? _mm512_loadu_si512(v + (j + 1) * ldv + 32 * c) : _mm512_setzero_si512();
+      bl[c] = as_bh(_mm512_unpacklo_epi16(v0, v1));
+      bh[c] = as_bh(_mm512_unpackhi_epi16(v0, v1));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pp = as_bh(pair ? bf16_pair(p + r * ldp + j)
+                                     : _mm512_set1_epi32((int)(uint32_t)p[r * ldp + j].x));
+#pragma GCC unroll 8
+      for (int c = 0; c < NC; ++c) {
+        lo[r][c] = _mm512_dpbf16_ps(lo[r][c], bl[c], pp);
+        hi[r][c] = _mm512_dpbf16_ps(hi[r][c], bh[c], pp);
+      }
+    }
+  }
+  const __m512i o0 = _mm512_load_si512(kPairOrder), o1 = _mm512_load_si512(kPairOrder + 16);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      _mm512_storeu_ps(acc + r * dim + 32 * c, _mm512_permutex2var_ps(lo[r][c], o0, hi[r][c]));
+      _mm512_storeu_ps(acc + r * dim + 32 * c + 16, _mm512_permutex2var_ps(lo[r][c], o1, hi[r][c]));
+    }
+}
+
+// `next_k`: the next run's K (same layout, up to 128 keys), prefetched while this one is scored
+// by few rows (decodes), which are bound by reading the cache.
+inline void qk_rows_pairs(int rows, const at::BFloat16* q, int dim, const at::BFloat16* k, int64_t ldk, int cols,
+                          float* s, int lds, const at::BFloat16* next_k) {
+  if (rows <= 3) {  // decodes: 128 keys per pass
+    for (int c0 = 0; c0 < cols; c0 += 128) {
+      const int c = std::min(128, cols - c0);
+      const at::BFloat16* pf = c0 + 128 < cols ? nullptr : next_k;
+      if (rows == 1) qk_pairs<1, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      else if (rows == 2) qk_pairs<2, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      else qk_pairs<3, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+    }
+    return;
+  }
+  for (int c0 = 0; c0 < cols; c0 += 32) {
+    const int c = std::min(32, cols - c0);
+    switch (rows) {
+#define FASTCTX_QK(R) case R: qk_pairs<R, 1>(q, dim, k + c0, ldk, c, s + c0, lds, nullptr); break;
+      FASTCTX_QK(4) FASTCTX_QK(5) FASTCTX_QK(6) FASTCTX_QK(7) FASTCTX_QK(8) FASTCTX_QK(9) FASTCTX_QK(10)
+      FASTCTX_QK(11)
+#undef FASTCTX_QK
+      default: qk_pairs<12, 1>(q, dim, k + c0, ldk, c, s + c0, lds, nullptr); break;
+    }
+  }
+}
+
+// Rows in groups of R (2 * R * NC accumulators stay within 16), the last group smaller.
+template <int R, int NC>
+inline void pv_pairs_upto(int rr, const at::BFloat16* p, int ldp, const at::BFloat16* v, int64_t ldv, int n,
+                          float* acc, int dim, const at::BFloat16* next_v) {
+  if constexpr (R > 1)
+    if (rr < R) return pv_pairs_upto<R - 1, NC>(rr, p, ldp, v, ldv, n, acc, dim, next_v);
+  pv_pairs<R, NC>(p, ldp, v, ldv, n, acc, dim, next_v);
+}
+
+template <int NC>
+inline void pv_rows_pairs_nc(int rows, const at::BFloat16* p, int ldp, const at::BFloat16* v, int64_t ldv, int n,
+                             float* acc, int dim, const at::BFloat16* next_v) {
+  constexpr int RP = 8 / NC;
+  for (int r0 = 0; r0 < rows; r0 += RP)
+    pv_pairs_upto<RP, NC>(std::min(RP, rows - r0), p + r0 * ldp, ldp, v, ldv, n, acc + r0 * dim, dim,
+                          r0 == 0 ? next_v : nullptr);
+}
+
+inline void pv_rows_pairs(int rows, const at::BFloat16* p, int ldp, const at::BFloat16* v, int64_t ldv, int n,
+                          float* acc, int dim, const at::BFloat16* next_v) {
+  if (dim == 32) pv_rows_pairs_nc<1>(rows, p, ldp, v, ldv, n, acc, dim, next_v);
+  else if (dim == 64) pv_rows_pairs_nc<2>(rows, p, ldp, v, ldv, n, acc, dim, next_v);
+  else pv_rows_pairs_nc<4>(rows, p, ldp, v, ldv, n, acc, dim, next_v);
+}
+#define FASTCTX_PAIRS 1
+#endif
+
 // out[2i] = a[i], out[2i+1] = b[i] for i < len (len a multiple of 16): two bf16 rows into the
 // VNNI pair layout brgemm reads (for K: consecutive dims; for V: consecutive keys).
 inline void interleave_rows(const uint16_t* a, const uint16_t* b, int len, uint16_t* out) {
@@ -440,8 +618,9 @@ template <typename T>
 class ItemRunner {
  public:
   ItemRunner(const KV<T>& kv, Scratch& s, const Request& rq, const Item& it, const int* table, int kvh, bool micro,
-             bool amx, float scale)
-      : kv_(kv), s_(s), rq_(rq), it_(it), table_(table), kvh_(kvh), micro_(micro), amx_(amx), scale_(scale) {}
+             bool amx, bool pairs, float scale)
+      : kv_(kv), s_(s), rq_(rq), it_(it), table_(table), kvh_(kvh), micro_(micro), amx_(amx), pairs_(pairs),
+        scale_(scale) {}
 
   // Adds keys [start, end) (positions), split at block and tile boundaries.
   void add_range(int start, int end, int gather_below) {
@@ -455,7 +634,11 @@ class ItemRunner {
     }
     const int bs = kv_.block_size;
     while (start < end) {
-      if (s_.n == kTile) fold();
+      if (s_.n == kTile) {
+        if constexpr (std::is_same<T, at::BFloat16>::value) upcoming_k_ = kv_.kp(table_[start / bs], kvh_, start % bs);
+        fold();
+        upcoming_k_ = nullptr;
+      }
       const int blk = table_[start / bs], tok = start % bs;
       const int len = std::min({end - start, bs - tok, kTile - s_.n});
       if constexpr (std::is_same<T, at::BFloat16>::value) {
@@ -661,6 +844,10 @@ class ItemRunner {
     int kmin, kmax;
     key_extent(n, kmin, kmax);
     float* S = s_.scores.data();
+    // bf16 cache read in place throughout the tile: bf16-pair dot products on the raw queries.
+    bool pairs = pairs_;
+    for (const Segment& g : s_.segs) pairs &= g.kb && g.vb;
+    at::BFloat16* P = s_.pb.data();
     for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
       const int rr = std::min(kMicroRows, rows - r0);
       const int first_pos = s_.rowpos[r0], last_pos = s_.rowpos[r0 + rr - 1];
@@ -670,18 +857,33 @@ class ItemRunner {
                               : n;
       if (w == 0) continue;
       const float* q = s_.q.data() + (size_t)r0 * dim;
-      for (const Segment& g : s_.segs) {
+      for (size_t x = 0; x < s_.segs.size(); ++x) {
+        const Segment& g = s_.segs[x];
         const int len = std::min(g.len, w - g.col0);
         if (len <= 0) continue;
+#ifdef FASTCTX_PAIRS
+        if (pairs) qk_rows_pairs(rr, s_.qb.data() + (size_t)r0 * dim, dim, g.kb, g.ldk, len, S + g.col0, kTile,
+                                 x + 1 < s_.segs.size() ? s_.segs[x + 1].kb : s_.segs[0].vb);
+        else
+#endif
         if (g.kb) qk_rows(rr, q, dim, g.kb, g.ldk, len, S + g.col0, kTile);
         else qk_rows(rr, q, dim, g.k, g.ldk, len, S + g.col0, kTile);
       }
       const bool every = all_visible(kmin, ascending ? s_.kpos[w - 1] : kmax, first_pos, last_pos);
-      for (int i = 0; i < rr; ++i) softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
+      for (int i = 0; i < rr; ++i) {
+        if (pairs) softmax_row_bf16(r0 + i, S + (size_t)i * kTile, w, every, P + (size_t)i * kTile, (w + 15) / 16 * 16);
+        else softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
+      }
       float* acc = s_.acc.data() + (size_t)r0 * dim;
-      for (const Segment& g : s_.segs) {
+      for (size_t x = 0; x < s_.segs.size(); ++x) {
+        const Segment& g = s_.segs[x];
         const int len = std::min(g.len, w - g.col0);
         if (len <= 0) continue;
+#ifdef FASTCTX_PAIRS
+        if (pairs) pv_rows_pairs(rr, P + g.col0, kTile, g.vb, g.ldv, len, acc, dim,
+                                 x + 1 < s_.segs.size() ? s_.segs[x + 1].vb : upcoming_k_);
+        else
+#endif
         if (g.vb) pv_rows(rr, S + g.col0, kTile, g.vb, g.ldv, len, acc, dim);
         else pv_rows(rr, S + g.col0, kTile, g.v, g.ldv, len, acc, dim);
       }
@@ -867,9 +1069,10 @@ class ItemRunner {
   const Item& it_;
   const int* table_;
   int kvh_;
-  bool micro_, amx_;
+  bool micro_, amx_, pairs_;
   float scale_;
   std::vector<uint8_t> member_;
+  const at::BFloat16* upcoming_k_ = nullptr;  // K of the keys after a full tile (prefetched by its last run)
 };
 
 struct IndexSlot {
@@ -904,6 +1107,11 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
   const bool amx = micro && std::is_same<T, at::BFloat16>::value && at::native::cpublas::could_pack(at::kBFloat16);
 #else
   const bool amx = false;
+#endif
+#ifdef FASTCTX_PAIRS
+  const bool pairs = micro && std::is_same<T, at::BFloat16>::value;  // bf16 dot products for the micro-kernels
+#else
+  const bool pairs = false;
 #endif
   const int group_rows = amx ? kAmxGroupRows : micro ? kMicroGroupRows : kGroupRows;
   if (micro) gather_below = std::min<int64_t>(gather_below, kMicroGatherBelow);
@@ -981,7 +1189,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
   std::vector<Panel> panels(reqs.size() * heads);
   std::vector<std::vector<float>> panel_k(jobs.size()), panel_v(jobs.size());
   std::vector<std::vector<int>> panel_pos(jobs.size());
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (!jobs.empty())
   for (int64_t j = 0; j < (int64_t)jobs.size(); ++j) {
     const Request& r = reqs[jobs[j].req];
     const int h = jobs[j].head, kvh = h / group;
@@ -1019,7 +1227,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
 #pragma omp parallel num_threads(threads)
   {
     static thread_local Scratch s;
-    s.ensure(max_rows, micro ? kMicroRows : max_rows, dim, amx);
+    s.ensure(max_rows, micro ? kMicroRows : max_rows, dim, amx || pairs);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t o = 0; o < (int64_t)order.size(); ++o) {
       const Item& it = items[order[o]];
@@ -1031,9 +1239,9 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
         for (int g = 0; g < it.nheads; ++g) {
           const int row = t * it.nheads + g;
           const T* src = qd + (int64_t)(r.q0 + it.tok0 + t) * qt + (int64_t)(it.head0 + g) * qh;
-          if (amx && rows >= kAmxMinRows) {
-            std::copy(src, src + dim, (T*)(s.qb.data() + (size_t)row * dim));
-          } else {
+          const bool on_amx = amx && rows >= kAmxMinRows;
+          if (on_amx || pairs) std::copy(src, src + dim, (T*)(s.qb.data() + (size_t)row * dim));
+          if (!on_amx) {
             float* dst = s.q.data() + (size_t)row * dim;
             for (int d = 0; d < dim; ++d) dst[d] = to_f(src[d]) * sc;
           }
@@ -1046,7 +1254,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
       s.n = 0;
       // AMX pays for packing a tile only across many query rows: decodes and short chunks take the
       // micro-kernels, reading the bf16 cache in place.
-      ItemRunner<T> run(kv, s, r, it, trow, kvh, micro, amx && rows >= kAmxMinRows, sc);
+      ItemRunner<T> run(kv, s, r, it, trow, kvh, micro, amx && rows >= kAmxMinRows, pairs, sc);
       const int first_pos = s.rowpos[0], last_pos = s.rowpos[rows - 1];
       if (r.mode == kDense) {
         run.add_range(0, last_pos + 1, 0);
@@ -1089,7 +1297,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
   std::vector<int> groups;
   for (size_t i = 0; i < items.size(); ++i)
     if (items[i].group == (int)i) groups.push_back((int)i);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (!groups.empty())
   for (int64_t gi = 0; gi < (int64_t)groups.size(); ++gi) {
     const int first = groups[gi];
     const Item& head = items[first];
