@@ -9,6 +9,7 @@ only decode steps run then. The last line printed is one JSON object.
 
     python benchmarks/decode_tps.py --quick                 # 4K context, 64 tokens, batch 4, 2 rounds
     python benchmarks/decode_tps.py --context 7000 --new-tokens 128 --batch 8 --methods dense streaming
+    python benchmarks/decode_tps.py --context 7680 --new-tokens 64 --reps 2 --methods dense lserve
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import time
 
 from fastctx.eval.texts import natural_text, token_ids
+from fastctx.methods.lserve import DEFAULT_MODEL_HEADS
 
 from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -26,6 +28,8 @@ from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: 
 DECODE_METHODS = {
     "dense": {"attention": "dense", "decode": "dense"},
     "streaming": {"attention": "dense", "decode": "streaming", "streaming": {"sink": 128, "local": 1024}},
+    # LServe's defaults with the shipped SmolLM2 calibration (half the KV heads streaming).
+    "lserve": {"attention": "lserve", "decode": "lserve", "lserve": {"head_scores": str(DEFAULT_MODEL_HEADS)}},
 }
 
 

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--budget", type=float, default=0.1,
                         help="share of a query's keys each candidate pattern reads (cost of the search)")
+    ls = sub.add_parser("lserve", help="LServe tools").add_subparsers(dest="action", required=True)
+    cal = ls.add_parser("calibrate", help="rank KV heads for LServe's streaming heads; writes the head_scores file")
+    cal.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
+    cal.add_argument("--out", required=True, help="head_scores file to write")
+    cal.add_argument("--tokens", type=int, default=2048, help="length of each calibration sample")
+    cal.add_argument("--sink", type=int, default=128, help="sink tokens of the window scored (LServe decode: 128)")
+    cal.add_argument("--local", type=int, default=256, help="local window scored (LServe decode: 256)")
     args = parser.parse_args(argv)
 
     if args.command == "config-reference":
@@ -69,15 +76,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(config_reference(), end="")
         return 0
-    if args.command == "minference":
-        from fastctx import pattern_search
+    if args.command in ("minference", "lserve"):
+        from fastctx import head_calibration, pattern_search
 
         try:
             model_dir = args.model or str(require_default_model())
-        except ModelPrepareError as exc:
-            print(f"fastctx minference search: error: {exc}", file=sys.stderr)
+            if args.command == "minference":
+                result = pattern_search.search(model_dir, args.tokens, args.seed, args.budget)
+            else:
+                result = head_calibration.calibrate(model_dir, args.tokens, args.sink, args.local)
+        except (ModelPrepareError, ValueError) as exc:
+            print(f"fastctx {args.command} {args.action}: error: {exc}", file=sys.stderr)
             return 1
-        print(pattern_search.write(pattern_search.search(model_dir, args.tokens, args.seed, args.budget), args.out))
+        print(pattern_search.write(result, args.out))
         return 0
     try:
         if args.action == "prepare":

@@ -74,35 +74,46 @@ def head_recalls(q, k, patterns: list[mi.HeadPattern], scale: float) -> torch.Te
                         for p in patterns])
 
 
-def search(model_dir: str, num_tokens: int = 4096, seed: int = 0,
-           budget_share: float = DEFAULT_BUDGET) -> list[dict]:
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+def run_layers(model_dir: str, samples: list[list[int]], on_layer) -> None:
+    """Runs the model (Hugging Face transformers, float32) on each sample, calling
+    ``on_layer(layer_index, q, k, scaling)`` with each layer's ``[H, T, D]`` queries and ``[Hkv, T, D]``
+    keys (after RoPE) before computing its dense attention."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     from fastctx.kernels.dense import prefill_attention
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = kv_retrieval_prompt(tokenizer, num_tokens, seed)
+    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k, v = query[0], key[0], value[0]
+        on_layer(module.layer_idx, q, k, scaling)
+        return prefill_attention(q, k, v, scale=scaling).transpose(0, 1)[None].contiguous(), None
+
+    AttentionInterface.register("fastctx_capture", capture)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="fastctx_capture")
+    with torch.inference_mode():
+        for ids in samples:
+            model.model(torch.tensor([ids]))
+
+
+def search(model_dir: str, num_tokens: int = 4096, seed: int = 0,
+           budget_share: float = DEFAULT_BUDGET) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    ids = kv_retrieval_prompt(AutoTokenizer.from_pretrained(model_dir), num_tokens, seed)
     patterns = candidates(len(ids), budget_share)
     layers: dict[int, dict] = {}
 
-    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
-        q, k, v = query[0], key[0], value[0]
+    def best_patterns(layer, q, k, scaling):
         recall = head_recalls(q, k, patterns, scaling)
         best = recall.argmax(0)
-        layers[module.layer_idx] = {
-            str(h): [patterns[b].kind, patterns[b].v, patterns[b].s, round(float(recall[b, h]), 4)]
-            for h, b in enumerate(best.tolist())}
-        return prefill_attention(q, k, v, scale=scaling).transpose(0, 1)[None].contiguous(), None
+        layers[layer] = {str(h): [patterns[b].kind, patterns[b].v, patterns[b].s, round(float(recall[b, h]), 4)]
+                         for h, b in enumerate(best.tolist())}
 
-    AttentionInterface.register("fastctx_pattern_search", capture)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="fastctx_pattern_search")
-    with torch.inference_mode():
-        model.model(torch.tensor([ids]))
+    run_layers(model_dir, [ids], best_patterns)
     return [layers[i] for i in range(len(layers))]
 
 
-def write(config: list[dict], out: str | Path) -> Path:
+def write(config, out: str | Path) -> Path:
+    """Writes a JSON file atomically (a crash leaves the old file or none)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

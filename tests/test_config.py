@@ -27,11 +27,11 @@ def test_every_decode_method_combines_with_any_prefill_method(method):
 @pytest.mark.parametrize("section,message", [
     ({"atention": "dense"},
      "fastctx config: unknown key 'atention'; allowed keys: attention, decode, dense_below, flexprefill, "
-     "minference, streaming"),
+     "lserve, minference, streaming"),
     ({"attention": "magic"}, "fastctx config: attention='magic' is not a fastctx prefill method; choose one of: "
-     "dense, flexprefill, minference, streaming"),
+     "dense, flexprefill, lserve, minference, streaming"),
     ({"decode": "minference"}, "fastctx config: decode='minference' is not a decode method; choose one of: "
-     "engine, dense, streaming"),
+     "engine, dense, lserve, streaming"),
     ("dense", "must be a JSON object"),
     ({"dense_below": -1}, "fastctx config: dense_below=-1 must be a token count >= 0"),
     ({"minference": {"v": 3}},
@@ -42,6 +42,10 @@ def test_every_decode_method_combines_with_any_prefill_method(method):
      "fastctx config: minference.pattern_config='/nonexistent.json' is not a file; create one with "
      "`fastctx minference search`"),
     ({"flexprefill": {"gamma": 1.5}}, "fastctx config: flexprefill.gamma=1.5 must be in (0, 1]"),
+    ({"lserve": {"head_scores": "/nonexistent.json"}},
+     "fastctx config: lserve.head_scores='/nonexistent.json' is not a file; create one with `fastctx lserve calibrate`"),
+    ({"lserve": {"token_budget": 100}},
+     "fastctx config: lserve.token_budget=100 must hold at least two pages of page_size=64 (LServe uses 4096)"),
     ({"flexprefill": {"gamma": "high"}}, "fastctx config: flexprefill.gamma='high' must be in (0, 1]"),
     ({"flexprefill": {"block_selection": "tokens"}},
      "fastctx config: flexprefill.block_selection='tokens' must be one of block_mass, token_count"),

@@ -115,7 +115,8 @@ def test_sparse_decode_over_selected_pages(impl):
 
     context = 200
     q, k, v = torch.randn(4, 1, 64), torch.randn(2, context, 64), torch.randn(2, context, 64)
-    index = ls.page_index(ls.select_pages(q[:, 0], *ls.page_summaries(k), ls.LServeParams(token_budget=64)), context)
+    pages = ls.select_pages(ls.page_scores(q[:, 0], *ls.page_summaries(k, 16)), 16, 16, budget_pages=4)
+    index = ls.decode_index(ls.page_ranges(pages, 16, context), context)
     args = (q, k[:, -1:], v[:, -1:], k[:, :-1], v[:, :-1])
     _close(SPARSE_IMPLS[impl](*args, index=index), reference_sparse_prefill_attention(*args, index=index),
            torch.float32)

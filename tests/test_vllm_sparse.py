@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastctx.eval.texts import natural_text
+from fastctx.methods.lserve import DEFAULT_MODEL_HEADS
 from tests.conftest import _make_llm, density
 
 pytestmark = pytest.mark.engine
@@ -18,10 +19,17 @@ FULL_BUDGET = {
                     "flexprefill": {"gamma": 1.0, "min_budget": 8192}},
     # A window longer than every context reads everything, in prefill and decode.
     "streaming": {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 4, "local": 2048}},
+    # A budget over every context and windows longer than it: LServe's index reads everything.
+    "lserve": {"attention": "lserve", "decode": "lserve", "dense_below": 0,
+               "lserve": {"head_scores": str(DEFAULT_MODEL_HEADS), "token_budget": 4096, "prefill_local": 2048,
+                          "decode_local": 2048}},
 }
 SPARSE = {
     "minference": {"attention": "minference", "dense_below": 0, "minference": {"v_size": 30, "s_size": 100}},
     "streaming": {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 16, "local": 256}},
+    "lserve": {"attention": "lserve", "decode": "lserve", "dense_below": 0,
+               "lserve": {"head_scores": str(DEFAULT_MODEL_HEADS), "token_budget": 256, "decode_sink": 16,
+                          "decode_local": 64, "prefill_sink": 16, "prefill_local": 256}},
 }
 
 
@@ -79,6 +87,24 @@ def test_streaming_runs_sparse_in_both_phases_and_reports_decode_density(engines
     assert decode["dense_chunks"] > 0 and decode["sparse_chunks"] > 0
     assert 0.15 < decode["density"] < 0.5
     assert prefill["density"] < 0.6
+
+
+def test_lserve_selects_pages_in_decode_and_streams_half_the_heads(engines):
+    llm = engines("sparse", "lserve")
+    density(llm, "decode")  # reset
+    got = _run(llm, max_tokens=24)
+    assert all(len(tokens) == 24 for tokens in got)
+    prefill, decode = density(llm, "prefill", reset=False), density(llm, "decode", reset=False)
+    assert prefill["method"] == decode["method"] == "lserve"
+    # ~1000-1300 tokens of context: dense heads read 256 tokens plus the newest page, streaming heads
+    # 16 + 64; the short prompt fits every budget.
+    assert decode["sparse_chunks"] > 0 and decode["dense_chunks"] > 0
+    assert 0.05 < decode["density"] < 0.4
+    assert prefill["sparse_chunks"] > 0 and prefill["density"] < 0.9
+    # Page bounds go with their requests: vLLM reports finished requests with the next step.
+    held = set(llm.collective_rpc("fastctx_live_requests")[0])
+    _run(llm, max_tokens=2)
+    assert not held & set(llm.collective_rpc("fastctx_live_requests")[0])
 
 
 def test_layers_vllm_keeps_say_why_and_the_rest_stay_exact(vllm_available, model_dir):

@@ -1,80 +1,165 @@
-"""LServe (Yang et al., MLSys'25): streaming heads + query-aware KV page selection for decode.
+"""LServe's decode page selection (Yang et al., MLSys'25), engine-free.
 
-- *Streaming heads* read sinks + a local window (``streaming_index``):
-  128 + 8192 tokens in prefill, 128 + 256 in decode.
-- *Dense (retrieval) heads* keep the whole KV cache, summarised per logical
-  page of 16 tokens by the channel-wise min and max of its keys. A decode
-  query scores page ``j`` by ``sum_d max(q_d * kmax_jd, q_d * kmin_jd)``, an
-  upper bound of ``q . k`` over the page (Quest); the top pages within a
-  token budget (4096) are read, always including the newest page.
+Keys are summarised per *logical* page (16 tokens) by their channel-wise min
+and max. A decode query scores logical page ``j`` by
+``sum_d max(q_d * kmin_jd, q_d * kmax_jd)``, an upper bound of ``q . k`` over
+the page (Quest); a *physical* page (the unit read, 64 tokens) scores the max of
+its logical pages (LServe's hierarchical selection). Each head reads its top
+physical pages within a token budget, always with the newest page.
 
-Decode attention over the selected pages is the shared sparse kernel with a
-one-row chunk (``page_index``), so it needs no kernel of its own.
+``PageStats`` keeps one sequence's bounds current as its cache grows: only
+pages holding new keys are recomputed, from the paged cache. ``select`` and
+``decode_ranges`` run one C++ call each on CPU (``csrc/lserve_cpu.cpp``); the
+plain PyTorch functions below are their references.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fastctx.kernels.sparse import SparseIndex, block_mask_index
+from fastctx.kernels._cpu_ext import cpu_ops
+from fastctx.kernels.paged import SeqKV
+from fastctx.kernels.sparse import _EMPTY, SparseIndex
 
-PAGE_SIZE = 16
-
-
-@dataclass(frozen=True)
-class LServeParams:
-    token_budget: int = 4096
-    page_size: int = PAGE_SIZE
-    prefill_sink: int = 128
-    prefill_local: int = 8192
-    decode_sink: int = 128
-    decode_local: int = 256
-    reselect_interval: int = 4  # decode steps between page re-selections
-
-    def __post_init__(self):
-        if self.page_size < 1 or self.token_budget < self.page_size:
-            raise ValueError(f"lserve token_budget={self.token_budget} must be at least one page "
-                             f"(page_size={self.page_size}); the paper uses 4096 and 16")
-        if self.reselect_interval < 1:
-            raise ValueError(f"lserve reselect_interval={self.reselect_interval} must be >= 1 (paper: 4)")
+OPEN_END = _EMPTY - 1  # a range end past any context
 
 
-def page_summaries(k: torch.Tensor, page_size: int = PAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel-wise key min and max per page: each ``[Hkv, P, D]`` for ``k`` ``[Hkv, T, D]``."""
+def page_summaries(k: torch.Tensor, logical: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-wise key min and max per logical page: each ``[Hkv, P, D]`` for ``k`` ``[Hkv, T, D]``
+    (the reference that ``PageStats`` is tested against)."""
     kv_heads, tokens, dim = k.shape
-    pages = -(-tokens // page_size)
-    pad = pages * page_size - tokens
-    kf = k.float()
-    kmax = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(kv_heads, pages, page_size, dim)
-    kmin = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(kv_heads, pages, page_size, dim)
+    pages = -(-tokens // logical)
+    pad = pages * logical - tokens
+    kmin = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("inf")).view(kv_heads, pages, logical, dim)
+    kmax = torch.nn.functional.pad(k, (0, 0, 0, pad), value=float("-inf")).view(kv_heads, pages, logical, dim)
     return kmin.amin(2), kmax.amax(2)
 
 
+class PageStats:
+    """Per-logical-page key bounds of one sequence in one layer, ``[Hkv, pages, D]`` each, in the keys'
+    dtype (exact: every bound is one of the keys). Storage grows by doubling."""
+
+    def __init__(self, logical: int):
+        self.logical = logical
+        self.length = 0  # tokens summarised
+        self._kmin = self._kmax = None
+
+    @property
+    def pages(self) -> int:
+        return -(-self.length // self.logical)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kmin[:, :self.pages], self._kmax[:, :self.pages]
+
+    def extend(self, keys: SeqKV) -> None:
+        """Summarises keys up to ``keys.length``: the last, partial page again plus any new pages."""
+        if keys.length <= self.length:
+            return
+        first = self.length // self.logical  # first page with new keys
+        end = -(-keys.length // self.logical)
+        key = keys.kv.key
+        if self._kmin is None or end > self._kmin.shape[1]:
+            capacity = max(end, 2 * (0 if self._kmin is None else self._kmin.shape[1]), 64)
+            grown = [torch.empty(key.shape[1], capacity, key.shape[3], dtype=key.dtype, device=key.device)
+                     for _ in range(2)]
+            if self._kmin is not None:
+                for new, old in zip(grown, (self._kmin, self._kmax)):
+                    new[:, :self.pages] = old[:, :self.pages]
+            self._kmin, self._kmax = grown
+        if key.device.type == "cpu":
+            cpu_ops().lserve_extend(key, keys.table_row, first * self.logical, keys.length, self.logical,
+                                    self._kmin, self._kmax)
+        else:
+            k = keys.kv.read_range(key, keys.table_row, first * self.logical, keys.length)
+            self._kmin[:, first:end], self._kmax[:, first:end] = page_summaries(k, self.logical)
+        self.length = keys.length
+
+
+def select(q: torch.Tensor, stats: PageStats, streaming_kv: torch.Tensor, page_size: int,
+           budget_pages: int) -> torch.Tensor:
+    """``[dense KV heads, K]`` ascending page ids, newest last: for each KV head that is not streaming,
+    its best pages for the query heads ``q`` ``[H, D]`` (a page scores the max over the group)."""
+    if q.device.type == "cpu":
+        return cpu_ops().lserve_select(q, stats._kmin, stats._kmax, stats.pages, streaming_kv, stats.logical,
+                                       page_size, budget_pages)
+    return reference_select(q, *stats.bounds(), streaming_kv, stats.logical, page_size, budget_pages)
+
+
+def reference_select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, streaming_kv: torch.Tensor,
+                     logical: int, page_size: int, budget_pages: int) -> torch.Tensor:
+    kv_heads = len(streaming_kv)
+    scores = page_scores(q, kmin, kmax).view(kv_heads, q.shape[0] // kv_heads, -1).amax(1)
+    return select_pages(scores[~streaming_kv], logical, page_size, budget_pages)
+
+
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """``[H, P]`` upper bounds of ``q . k`` per page, for one decode query per head ``q`` ``[H, D]``."""
-    group = q.shape[0] // kmin.shape[0]
-    qf = q.float()[:, None, :]
-    lo = qf * kmin.repeat_interleave(group, 0)
-    hi = qf * kmax.repeat_interleave(group, 0)
-    return torch.maximum(lo, hi).sum(-1)
+    """``[H, P]`` upper bounds of ``q . k`` per logical page, for one query per head ``q`` ``[H, D]``:
+    ``max(q kmin, q kmax) = relu(q) kmax + min(q, 0) kmin``, two batched products over KV heads."""
+    kv_heads = kmin.shape[0]
+    group = q.shape[0] // kv_heads
+    qg = q.to(kmin.dtype).view(kv_heads, group, -1).transpose(1, 2)  # [Hkv, D, group]
+    pos = qg.clamp(min=0)
+    scores = torch.bmm(kmax, pos).float() + torch.bmm(kmin, qg - pos).float()  # [Hkv, P, group]
+    return scores.permute(0, 2, 1).reshape(q.shape[0], -1)
 
 
-def select_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                 params: LServeParams = LServeParams()) -> torch.Tensor:
-    """``[H, P]`` bool: the pages each head reads, at most ``token_budget // page_size`` of them,
-    always with the newest page. All pages when the context fits the budget."""
-    scores = page_scores(q, kmin, kmax)
-    heads, pages = scores.shape
-    budget = params.token_budget // params.page_size
-    if pages <= budget:
-        return torch.ones(heads, pages, dtype=torch.bool)
-    scores[:, -1] = float("inf")
-    top = scores.topk(budget, -1).indices
-    return torch.zeros(heads, pages, dtype=torch.bool).scatter_(1, top, True)
+def select_pages(scores: torch.Tensor, logical: int, page_size: int, budget_pages: int) -> torch.Tensor:
+    """``[H, K]`` ascending physical page ids each head reads: its ``budget_pages - 1`` best by the max
+    of their logical pages' ``scores`` ``[H, P]``, plus the newest page. Every page when they fit."""
+    heads, logical_pages = scores.shape
+    per = page_size // logical
+    pages = -(-logical_pages // per)
+    if pages <= budget_pages:
+        return torch.arange(pages).expand(heads, -1)
+    padded = torch.nn.functional.pad(scores, (0, pages * per - logical_pages), value=float("-inf"))
+    physical = padded.view(heads, pages, per).amax(-1)
+    top = physical[:, :-1].topk(budget_pages - 1, -1).indices
+    newest = torch.full((heads, 1), pages - 1, dtype=top.dtype)
+    return torch.cat([top, newest], 1).sort(-1).values
 
 
-def page_index(selected: torch.Tensor, context_len: int, page_size: int = PAGE_SIZE) -> SparseIndex:
-    """The index of one decode query (at position ``context_len - 1``) reading the ``selected`` pages."""
-    return block_mask_index(selected[:, None, :], page_size, q_len=1, prefix=context_len - 1, block_q=1)
+def page_ranges(page_ids: torch.Tensor, page_size: int, length: int) -> torch.Tensor:
+    """``[H, NR, 2]`` key ranges (start, end) of each head's ascending ``page_ids``, adjacent pages merged
+    into one range; unused slots empty and last."""
+    heads, k = page_ids.shape
+    ids = page_ids.long()
+    new_run = torch.ones(heads, k, dtype=torch.bool)
+    new_run[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
+    run = new_run.long().cumsum(1) - 1  # run number of each page
+    runs = int(run[:, -1].max()) + 1
+    empty = torch.full((heads, runs), _EMPTY, dtype=torch.long)  # runs a head does not have stay empty
+    start = empty.scatter_reduce(1, run, ids * page_size, "amin", include_self=False)
+    end = empty.scatter_reduce(1, run, torch.clamp((ids + 1) * page_size, max=length), "amax", include_self=False)
+    return torch.stack([start, end], -1).int()
+
+
+def decode_ranges(pages: torch.Tensor, streaming_kv: torch.Tensor, group: int, page_size: int, sink: int,
+                  local_start: int) -> torch.Tensor:
+    """``[H, NR, 2]`` ranges per query head: a dense KV head's query heads read its ``pages`` (each range
+    ending at its page's end), a streaming one's read ``[0, sink)`` and everything from
+    ``local_start`` on (causality trims both to the query)."""
+    if pages.device.type == "cpu":
+        return cpu_ops().lserve_ranges(pages, streaming_kv, group, page_size, sink, local_start)
+    return reference_decode_ranges(pages, streaming_kv, group, page_size, sink, local_start)
+
+
+def reference_decode_ranges(pages: torch.Tensor, streaming_kv: torch.Tensor, group: int, page_size: int, sink: int,
+                            local_start: int) -> torch.Tensor:
+    dense = page_ranges(pages, page_size, OPEN_END)
+    slots = max(dense.shape[1], 2)
+    ranges = torch.full((len(streaming_kv), slots, 2), _EMPTY, dtype=torch.int32)
+    ranges[~streaming_kv, :dense.shape[1]] = dense
+    ranges[streaming_kv, :2] = torch.tensor([[0, min(sink, local_start)], [local_start, OPEN_END]], dtype=torch.int32)
+    return ranges.repeat_interleave(group, 0)
+
+
+DECODE_BLOCK_Q = 1 << 16  # a decode's queries (one, or a few verifying drafts) are one index block
+
+
+def decode_index(ranges: torch.Tensor, seq_len: int) -> SparseIndex:
+    """One decode request's index: every head's ``ranges`` ``[H, NR, 2]`` (causality on top) for the
+    queries at the end of ``seq_len`` keys. Ranges may end past the context: the index stays valid
+    while the request grows."""
+    heads = ranges.shape[0]
+    return SparseIndex(ranges[:, None], torch.full((heads, 1, 1), -1, dtype=torch.int32), 1,
+                       prefix=seq_len - 1, block_q=DECODE_BLOCK_Q)

@@ -49,12 +49,16 @@ class PagedKV:
     def gather(self, table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A contiguous copy of one sequence's first ``length`` K and V, each ``[kv_heads, length, head_dim]``:
         the reference reader, and the fallback of paths that need contiguous keys."""
-        n = -(-length // self.block_size)
-        blocks = table_row[:n].long()
+        return self.read_range(self.key, table_row, 0, length), self.read_range(self.value, table_row, 0, length)
 
-        def read(t: torch.Tensor) -> torch.Tensor:
-            return t[blocks].transpose(0, 1).reshape(self.kv_heads, n * self.block_size, self.head_dim)[:, :length]
-        return read(self.key), read(self.value)
+    def read_range(self, t: torch.Tensor, table_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """A copy of positions ``start..end-1`` of one sequence in ``t`` (``self.key`` or ``self.value``),
+        ``[kv_heads, end - start, head_dim]``, reading only the blocks that hold them."""
+        bs = self.block_size
+        first, last = start // bs, -(-end // bs)
+        flat = t[table_row[first:last].long()].transpose(0, 1).reshape(self.kv_heads, (last - first) * bs,
+                                                                         self.head_dim)
+        return flat[:, start - first * bs:end - first * bs]
 
 
 def single_block_table(device: torch.device | str = "cpu") -> torch.Tensor:

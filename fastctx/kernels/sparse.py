@@ -108,18 +108,26 @@ def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.T
     n = len(row_pos)
     blocks = -(-n // block_q)
     pos = row_pos.long()
+    causal = int((pos + 1).sum()) * heads
+    col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
+    if blocks == 1 and ranges.device.type == "cpu" and not (col >= 0).any():  # a decode: counted every layer
+        from fastctx.kernels._cpu_ext import cpu_ops
+
+        return cpu_ops().range_pairs(ranges[:, first_block], pos), causal
     rng = ranges[:, first_block + torch.arange(n) // block_q].long()  # [H, n, NR, 2]
     visible_end = torch.minimum(rng[..., 1], pos[None, :, None] + 1)
     from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()
+    if not (col >= 0).any():
+        return int(from_ranges), causal
     # A column is read by the rows of its block at or after it: rows minus those before it.
-    padded = torch.full((blocks * block_q,), 1 << 62, dtype=torch.long)
+    rows = block_q if blocks > 1 else n  # (a decode's one block may be nominally huge)
+    padded = torch.full((blocks * rows,), 1 << 62, dtype=torch.long)
     padded[:n] = pos
-    block_pos = padded.view(blocks, block_q)  # ascending per block
-    col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
+    block_pos = padded.view(blocks, rows)  # ascending per block
     before = torch.searchsorted(block_pos[None].expand(heads, -1, -1).contiguous(), col.contiguous())
     rows_in_block = torch.clamp(n - torch.arange(blocks) * block_q, max=block_q)
     from_cols = torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum()
-    return int(from_ranges + from_cols), int((pos + 1).sum()) * heads
+    return int(from_ranges + from_cols), causal
 
 
 def _no_cols(heads: int, blocks: int) -> torch.Tensor:

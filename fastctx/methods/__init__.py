@@ -5,7 +5,7 @@
 package registers the built-in methods.
 """
 
-from fastctx.methods import dense, flexprefill, minference, streaming  # noqa: F401,E402  (registration)
+from fastctx.methods import dense, flexprefill, lserve, minference, streaming  # noqa: F401,E402  (registration)
 from fastctx.methods.base import (
     PHASES,
     DecodeBatch,

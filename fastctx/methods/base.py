@@ -77,6 +77,10 @@ class DecodeBatch:
     scale: float
     states: list[Any]  # per request, from ``new_state``
 
+    def keys(self, b: int) -> SeqKV:
+        """Request ``b``'s context in the paged cache."""
+        return SeqKV(self.kv, self.block_table[b], self.seq_lens[b])
+
 
 class Method:
     name: ClassVar[str]

@@ -380,13 +380,21 @@ inline void pv_pairs(const at::BFloat16* p, int ldp, const at::BFloat16* v, int6
 // by few rows (decodes), which are bound by reading the cache.
 inline void qk_rows_pairs(int rows, const at::BFloat16* q, int dim, const at::BFloat16* k, int64_t ldk, int cols,
                           float* s, int lds, const at::BFloat16* next_k) {
-  if (rows <= 3) {  // decodes: 128 keys per pass
+  if (rows <= 3) {  // decodes: up to 128 keys per pass (64 for runs that short: selected pages)
     for (int c0 = 0; c0 < cols; c0 += 128) {
       const int c = std::min(128, cols - c0);
       const at::BFloat16* pf = c0 + 128 < cols ? nullptr : next_k;
-      if (rows == 1) qk_pairs<1, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
-      else if (rows == 2) qk_pairs<2, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
-      else qk_pairs<3, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      if (c <= 64) {
+        if (rows == 1) qk_pairs<1, 2>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+        else if (rows == 2) qk_pairs<2, 2>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+        else qk_pairs<3, 2>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      } else if (rows == 1) {
+        qk_pairs<1, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      } else if (rows == 2) {
+        qk_pairs<2, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      } else {
+        qk_pairs<3, 4>(q, dim, k + c0, ldk, c, s + c0, lds, pf);
+      }
     }
     return;
   }
@@ -847,6 +855,17 @@ class ItemRunner {
     // bf16 cache read in place throughout the tile: bf16-pair dot products on the raw queries.
     bool pairs = pairs_;
     for (const Segment& g : s_.segs) pairs &= g.kb && g.vb;
+#ifdef FASTCTX_PAIRS
+    // Decodes over scattered runs (selected pages) are bound by memory latency: ask for the whole
+    // tile at once so that its lines are in flight together.
+    if (pairs && rows <= 3 && s_.segs.size() > 2)
+      for (const Segment& g : s_.segs) {
+        for (int d = 0; d < dim; ++d)
+          for (int j = 0; j < g.len; j += 32) _mm_prefetch((const char*)(g.kb + d * g.ldk + j), _MM_HINT_T1);
+        for (int j = 0; j < g.len; ++j)
+          for (int d = 0; d < dim; d += 32) _mm_prefetch((const char*)(g.vb + j * g.ldv + d), _MM_HINT_T1);
+      }
+#endif
     at::BFloat16* P = s_.pb.data();
     for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
       const int rr = std::min(kMicroRows, rows - r0);
@@ -1081,6 +1100,18 @@ struct IndexSlot {
   int blocks, nr, nc, block_q;
 };
 
+// Whether heads h0..h0+n-1 list the same ranges and columns for index block `blk`.
+inline bool same_index_rows(const IndexSlot& sl, int h0, int n, int blk) {
+  const int64_t rl = (int64_t)sl.nr * 2, cl = sl.nc;
+  const int* r0 = sl.ranges + ((int64_t)h0 * sl.blocks + blk) * rl;
+  const int* c0 = sl.cols + ((int64_t)h0 * sl.blocks + blk) * cl;
+  for (int h = h0 + 1; h < h0 + n; ++h) {
+    if (!std::equal(r0, r0 + rl, sl.ranges + ((int64_t)h * sl.blocks + blk) * rl)) return false;
+    if (!std::equal(c0, c0 + cl, sl.cols + ((int64_t)h * sl.blocks + blk) * cl)) return false;
+  }
+  return true;
+}
+
 template <typename T>
 void run_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                    const torch::Tensor& table, const std::vector<Request>& reqs,
@@ -1123,11 +1154,21 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
     if (r.mode == kSkip || r.q_len == 0) continue;
     if (r.mode == kIndex) {
       const IndexSlot& sl = slots[r.slot];
-      max_rows = std::max(max_rows, sl.block_q);
+      const int block_rows = std::min(sl.block_q, r.q_len);
+      max_rows = std::max(max_rows, block_rows * group);
       for (int t0 = 0; t0 < r.q_len; t0 += sl.block_q) {
         const int nt = std::min(sl.block_q, r.q_len - t0);
-        for (int h = 0; h < heads; ++h)
-          items.push_back({b, h, 1, t0, nt, 0, INT32_MAX, -1, 0, (double)nt * (r.position(t0 + nt - 1) + 1)});
+        const double cost = (double)nt * (r.position(t0 + nt - 1) + 1);
+        const int blk = r.block0 + t0 / sl.block_q;
+        for (int kvh = 0; kvh < kv_heads; ++kvh) {
+          // The query heads of a KV head that read the same keys in this block (LServe selects per
+          // KV head) are one item: their keys are read once for all of them.
+          if (same_index_rows(sl, kvh * group, group, blk))
+            items.push_back({b, kvh * group, group, t0, nt, 0, INT32_MAX, -1, 0, cost * group});
+          else
+            for (int h = kvh * group; h < (kvh + 1) * group; ++h)
+              items.push_back({b, h, 1, t0, nt, 0, INT32_MAX, -1, 0, cost});
+        }
       }
     } else {
       const int tb = std::max(1, group_rows / group);
@@ -1150,7 +1191,7 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
     for (const Item& it : items) {
       const Request& r = reqs[it.req];
       const int keys = r.position(it.tok0 + it.ntok - 1) + 1;
-      const int parts = r.mode == kIndex ? 1 : std::min(per, keys / kTile);
+      const int parts = std::min(per, keys / kTile);
       if (parts < 2) {
         split.push_back(it);
         continue;
@@ -1547,7 +1588,10 @@ std::string kernel_path(torch::ScalarType dtype, int64_t dim, bool allow_micro) 
   return micro ? "micro" : "sgemm";
 }
 
+void register_lserve(pybind11::module& m);  // lserve_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_lserve(m);
   m.def("kernel_path", &kernel_path, "the inner path paged_attention takes for a dtype and head_dim");
   m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache, dense/window/index per request (CPU)");
   m.def("last_query_sums", &last_query_sums, "column and diagonal attention mass of a chunk's last queries (CPU)");
