@@ -43,7 +43,8 @@ def test_every_decode_method_combines_with_any_prefill_method(method):
      "`fastctx minference search`"),
     ({"flexprefill": {"gamma": 1.5}}, "fastctx config: flexprefill.gamma=1.5 must be in (0, 1]"),
     ({"lserve": {"head_scores": "/nonexistent.json"}},
-     "fastctx config: lserve.head_scores='/nonexistent.json' is not a file; create one with `fastctx lserve calibrate`"),
+     "fastctx config: lserve.head_scores='/nonexistent.json' is not a file; create one with "
+     "`fastctx lserve calibrate`"),
     ({"lserve": {"token_budget": 100}},
      "fastctx config: lserve.token_budget=100 must hold at least two pages of page_size=64 (LServe uses 4096)"),
     ({"flexprefill": {"gamma": "high"}}, "fastctx config: flexprefill.gamma='high' must be in (0, 1]"),
