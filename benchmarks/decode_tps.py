@@ -19,8 +19,8 @@ import json
 import statistics
 import time
 
+from fastctx import methods
 from fastctx.eval.texts import natural_text, token_ids
-from fastctx.methods.lserve import DEFAULT_MODEL_HEADS
 
 from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -28,8 +28,8 @@ from engines import build_engines, fast_dtype, machine, set_engine_env  # noqa: 
 DECODE_METHODS = {
     "dense": {"attention": "dense", "decode": "dense"},
     "streaming": {"attention": "dense", "decode": "streaming", "streaming": {"sink": 128, "local": 1024}},
-    # LServe's defaults with the shipped SmolLM2 calibration (half the KV heads streaming).
-    "lserve": {"attention": "lserve", "decode": "lserve", "lserve": {"head_scores": str(DEFAULT_MODEL_HEADS)}},
+    # What fastctx-eval runs: LServe's defaults, a quarter of SmolLM2's KV heads streaming.
+    "lserve": methods.get("lserve").eval_section,
 }
 
 

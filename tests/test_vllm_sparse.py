@@ -24,6 +24,7 @@ FULL_BUDGET = {
                "lserve": {"head_scores": str(DEFAULT_MODEL_HEADS), "token_budget": 4096, "prefill_local": 2048,
                           "decode_local": 2048}},
 }
+DECODE_METHODS = ("streaming", "lserve")
 SPARSE = {
     "minference": {"attention": "minference", "dense_below": 0, "minference": {"v_size": 30, "s_size": 100}},
     "streaming": {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 16, "local": 256}},
@@ -62,9 +63,17 @@ def test_full_budget_equals_dense(engines, dense_llm, name):
     want = [list(o.outputs[0].token_ids)
             for o in dense_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20))]
     llm = engines("full", name)
+    if name in DECODE_METHODS:
+        density(llm, "decode")  # reset
     assert _run(llm) == want
     prefill = density(llm, "prefill", reset=False)
-    assert prefill["sparse_chunks"] > 0 and prefill["density"] == 1.0
+    assert prefill["density"] == 1.0
+    if name in DECODE_METHODS:  # every decode through the method's reads (index reads for lserve)
+        decode = density(llm, "decode", reset=False)
+        assert decode["dense_chunks"] + decode["sparse_chunks"] == 30 * 19 * len(PROMPTS)
+        assert decode["density"] == 1.0
+    if name != "lserve":  # (lserve's prefill windows hold every key here, so it reads densely)
+        assert prefill["sparse_chunks"] > 0
 
 
 def test_small_budgets_are_sparse_and_reported(engines):
@@ -76,32 +85,32 @@ def test_small_budgets_are_sparse_and_reported(engines):
     assert prefill["config"]["minference"]["s_size"] == 100
 
 
-def test_streaming_runs_sparse_in_both_phases_and_reports_decode_density(engines):
-    llm = engines("sparse", "streaming")
+def _both_phases(engines, name) -> tuple[dict, dict]:
+    """Runs the small-budget engine of a method with a decode phase; its prefill and decode counts."""
+    llm = engines("sparse", name)
     density(llm, "decode")  # reset
-    got = _run(llm, max_tokens=24)
-    assert all(len(tokens) == 24 for tokens in got)
+    assert all(len(tokens) == 24 for tokens in _run(llm, max_tokens=24))
     prefill, decode = density(llm, "prefill", reset=False), density(llm, "decode", reset=False)
-    assert prefill["method"] == decode["method"] == "streaming"
-    # Decodes at ~1000-1300 tokens of context read 16 + 256 keys each; the short prompt reads all.
-    assert decode["dense_chunks"] > 0 and decode["sparse_chunks"] > 0
+    assert prefill["method"] == decode["method"] == name
+    assert decode["dense_chunks"] > 0 and decode["sparse_chunks"] > 0  # the short prompt reads all
+    return prefill, decode
+
+
+def test_streaming_runs_sparse_in_both_phases_and_reports_decode_density(engines):
+    prefill, decode = _both_phases(engines, "streaming")
+    # Decodes at ~1000-1300 tokens of context read 16 + 256 keys each.
     assert 0.15 < decode["density"] < 0.5
     assert prefill["density"] < 0.6
 
 
 def test_lserve_selects_pages_in_decode_and_streams_half_the_heads(engines):
-    llm = engines("sparse", "lserve")
-    density(llm, "decode")  # reset
-    got = _run(llm, max_tokens=24)
-    assert all(len(tokens) == 24 for tokens in got)
-    prefill, decode = density(llm, "prefill", reset=False), density(llm, "decode", reset=False)
-    assert prefill["method"] == decode["method"] == "lserve"
-    # ~1000-1300 tokens of context: dense heads read 256 tokens plus the newest page, streaming heads
-    # 16 + 64; the short prompt fits every budget.
-    assert decode["sparse_chunks"] > 0 and decode["dense_chunks"] > 0
+    prefill, decode = _both_phases(engines, "lserve")
+    # ~1000-1300 tokens of context: dense heads read 256 tokens plus the newest page, streaming
+    # heads the sinks and the pages holding the last 64 keys.
     assert 0.05 < decode["density"] < 0.4
     assert prefill["sparse_chunks"] > 0 and prefill["density"] < 0.9
     # Page bounds go with their requests: vLLM reports finished requests with the next step.
+    llm = engines("sparse", "lserve")
     held = set(llm.collective_rpc("fastctx_live_requests")[0])
     _run(llm, max_tokens=2)
     assert not held & set(llm.collective_rpc("fastctx_live_requests")[0])
