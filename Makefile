@@ -41,7 +41,7 @@ test: setup test-fast
 lint: install
 	$(VENV)/bin/ruff check fastctx tests benchmarks
 
-# The main job: SCBench-style evaluation of every method on the embedded model (~13 min).
+# The main job: SCBench-style evaluation of the methods on the embedded model (~7 min after setup).
 DEMO_OUT ?= runs/quick
 demo: setup
 	$(VENV)/bin/fastctx-eval run --preset quick --out $(DEMO_OUT)
