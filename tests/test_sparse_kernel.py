@@ -124,3 +124,22 @@ def test_attention_recall():
     want = (probs * index.mask(rows)).sum(-1).mean(-1)
     torch.testing.assert_close(attention_recall(q, k_all, index=index, rows=rows), want)
     assert (want < 1).all()
+
+
+def test_last_rows_pair_counts_equal_the_mask():
+    """The integer / C++ count the runtime uses per layer equals the general count and the mask."""
+    from fastctx.kernels import lserve as ls
+    from fastctx.kernels.attention import Read
+
+    decode = ls.reference_decode_ranges(torch.tensor([[0, 2, 3], [1, 4, 5]]), torch.tensor([False, True, False]),
+                                        3, 64, 16, 128)
+    reads = [Read.DENSE, Read.window(4, 30), Read.window(0, 500), Read.indexed(ls.decode_index(decode, 300)),
+             Read.indexed(dense_index(9, 5, 295, block_q=8))]
+    for read in reads:
+        for q_len in (1, 5):
+            pos = 300 - q_len + torch.arange(q_len)
+            causal = torch.arange(300)[None] <= pos[:, None]
+            mask = read.mask(pos, 300)
+            mask = causal if mask is None else mask & causal  # (a mask says what is read besides causality)
+            want = int(mask.expand(9, -1, -1).sum()), int((pos + 1).sum()) * 9
+            assert read.last_rows_pair_counts(q_len, 300, 9) == read.pair_counts(pos, 9) == want

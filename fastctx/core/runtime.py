@@ -65,23 +65,6 @@ class RequestStates:
         return list(self._by_request)
 
 
-def _series(lo: int, hi: int) -> int:
-    """lo + (lo + 1) + ... + hi (0 when hi < lo)."""
-    return (hi - lo + 1) * (lo + hi) // 2 if hi >= lo else 0
-
-
-def _last_rows_pairs(read: Read, q_len: int, seq_len: int, heads: int) -> tuple[int, int]:
-    """(read, causal) pairs of ``q_len`` queries at the last positions of ``seq_len`` tokens, for
-    dense and window reads, in integer arithmetic (decode batches are counted every layer)."""
-    first = seq_len - q_len + 1  # keys visible to the first query
-    causal = _series(first, seq_len)
-    if read.kind == "dense":
-        return causal * heads, causal * heads
-    cap = read.sink + read.local
-    capped = _series(first, min(seq_len, cap)) + max(0, seq_len - max(cap, first - 1)) * cap
-    return capped * heads, causal * heads
-
-
 class AttentionRuntime:
     """The methods one engine runs, built from its fastctx config and model shape."""
 
@@ -132,8 +115,8 @@ class AttentionRuntime:
         heads = batch.query.shape[1]
         read_pairs = causal_pairs = sparse = 0
         for b, read in enumerate(reads):
-            if read.kind in ("dense", "window") and batch.positions is None:
-                r, c = _last_rows_pairs(read, batch.q_len(b), batch.seq_lens[b], heads)
+            if batch.positions is None:
+                r, c = read.last_rows_pair_counts(batch.q_len(b), batch.seq_lens[b], heads)
             else:
                 r, c = read.pair_counts(batch.request_positions(b), heads)
             read_pairs, causal_pairs, sparse = read_pairs + r, causal_pairs + c, sparse + (r < c)
@@ -160,8 +143,8 @@ class AttentionRuntime:
                     q=batch.request_query(b), keys=batch.request_keys(b), prefix=batch.prefix(b),
                     positions=positions, layer=layer, scale=scale,
                     state=self.states.get(rid, "prefill", layer, method)))
-            if read.kind in ("dense", "window") and batch.positions is None:
-                counts = _last_rows_pairs(read, q_len, seq_len, heads)
+            if batch.positions is None:
+                counts = read.last_rows_pair_counts(q_len, seq_len, heads)
             else:
                 counts = read.pair_counts(batch.request_positions(b), heads)
             with self._lock:

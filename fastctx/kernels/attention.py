@@ -78,7 +78,31 @@ class Read:
             return causal, causal
         if self.kind == "window":
             return int(torch.clamp(pos + 1, max=self.sink + self.local).sum()) * heads, causal
-        return index_pair_counts(self.index.ranges, self.index.cols, pos, self.index.block_q, self.block0)
+        return index_pair_counts(self.index.ranges, self.index.cols, pos, self.index.block_q, self.block0,
+                                 self.index.has_cols)
+
+    def last_rows_pair_counts(self, q_len: int, seq_len: int, heads: int) -> tuple[int, int]:
+        """``pair_counts`` of ``q_len`` queries at the last positions of ``seq_len`` keys, without tensor
+        ops where it can (decode batches are counted every layer)."""
+        first = seq_len - q_len  # position of the first query
+        causal = _series(first + 1, seq_len) * heads
+        if self.kind == "dense":
+            return causal, causal
+        if self.kind == "window":
+            cap = self.sink + self.local
+            capped = _series(first + 1, min(seq_len, cap)) + max(0, seq_len - max(cap, first)) * cap
+            return capped * heads, causal
+        index = self.index
+        if q_len <= index.block_q and not index.has_cols and index.ranges.device.type == "cpu":
+            from fastctx.kernels._cpu_ext import cpu_ops
+
+            return cpu_ops().range_pairs(index.ranges[:, self.block0], first, q_len), causal
+        return self.pair_counts(first + torch.arange(q_len), heads)
+
+
+def _series(lo: int, hi: int) -> int:
+    """lo + (lo + 1) + ... + hi (0 when hi < lo)."""
+    return (hi - lo + 1) * (lo + hi) // 2 if hi >= lo else 0
 
 
 Read.DENSE = Read("dense")

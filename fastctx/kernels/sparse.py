@@ -17,6 +17,7 @@ the Triton kernel on CUDA, the reference elsewhere.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,11 @@ class SparseIndex:
     @property
     def num_blocks(self) -> int:
         return -(-self.q_len // self.block_q)
+
+    @functools.cached_property
+    def has_cols(self) -> bool:
+        """Whether any block lists single columns (decode indexes reused across steps ask once)."""
+        return bool((self.cols >= 0).any())
 
     @property
     def num_keys(self) -> int:
@@ -100,7 +106,7 @@ def rows_mask(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, n
 
 
 def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, block_q: int,
-                      first_block: int = 0) -> tuple[int, int]:
+                      first_block: int = 0, has_cols: bool | None = None) -> tuple[int, int]:
     """(read, causal) (query, key) pairs summed over heads, for query rows at ``row_pos`` (ascending)
     in index blocks ``first_block, first_block + 1, ...`` of ``block_q`` rows. Ranges and columns of
     one block never overlap (the index builders drop columns inside ranges)."""
@@ -110,14 +116,16 @@ def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.T
     pos = row_pos.long()
     causal = int((pos + 1).sum()) * heads
     col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
-    if blocks == 1 and ranges.device.type == "cpu" and not (col >= 0).any():  # a decode: counted every layer
-        from fastctx.kernels._cpu_ext import cpu_ops
+    if has_cols is None:
+        has_cols = bool((col >= 0).any())
+    if blocks == 1 and ranges.device.type == "cpu" and not has_cols and int(pos[-1]) - int(pos[0]) == n - 1:
+        from fastctx.kernels._cpu_ext import cpu_ops  # consecutive queries of one block: a decode
 
-        return cpu_ops().range_pairs(ranges[:, first_block], pos), causal
+        return cpu_ops().range_pairs(ranges[:, first_block], int(pos[0]), n), causal
     rng = ranges[:, first_block + torch.arange(n) // block_q].long()  # [H, n, NR, 2]
     visible_end = torch.minimum(rng[..., 1], pos[None, :, None] + 1)
     from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()
-    if not (col >= 0).any():
+    if not has_cols:
         return int(from_ranges), causal
     # A column is read by the rows of its block at or after it: rows minus those before it.
     rows = block_q if blocks > 1 else n  # (a decode's one block may be nominally huge)

@@ -110,6 +110,7 @@ class DecodeState:
     pages: torch.Tensor | None = None  # [dense KV heads, K] physical page ids
     steps: int = 0
     read: Read | None = None
+    newest: int = -1  # the newest page when `read` was built (always the last of `pages`)
 
 
 @register
@@ -131,6 +132,9 @@ class LServe(Method):
         self.group = shape.num_heads // shape.num_kv_heads
         self.streaming_kv = streaming_kv_heads(params, shape)  # [layers, kv_heads]
         self.streaming = self.streaming_kv.repeat_interleave(self.group, 1)  # [layers, heads]
+        # Per layer as Python bools: decode steps ask every layer, and tensor ops cost microseconds each.
+        self._all_streaming = self.streaming_kv.all(1).tolist()
+        self._any_streaming = self.streaming_kv.any(1).tolist()
 
     def new_state(self, phase: str, layer: int):
         return DecodeState(ls.PageStats(self.params.logical_page_size)) if phase == "decode" else None
@@ -152,17 +156,16 @@ class LServe(Method):
         return Read.indexed(SparseIndex(ranges, index.cols, q_len, chunk.prefix, PREFILL_BLOCK_Q))
 
     def decode(self, batch: DecodeBatch) -> list[Read]:
-        if self.streaming[batch.layer].all():
+        if self._all_streaming[batch.layer]:
             return [Read.window(self.params.decode_sink, self.params.decode_local)] * len(batch.seq_lens)
         return [self._decode_read(batch, b) for b in range(len(batch.seq_lens))]
 
     def _decode_read(self, batch: DecodeBatch, b: int) -> Read:
         p, state = self.params, batch.states[b]
-        streaming_kv = self.streaming_kv[batch.layer]
         seq_len = batch.seq_lens[b]
         budget_pages = p.token_budget // p.page_size
         newest = (seq_len - 1) // p.page_size
-        if newest < budget_pages and not streaming_kv.any():
+        if newest < budget_pages and not self._any_streaming[batch.layer]:
             return Read.DENSE
         step, state.steps = state.steps, state.steps + 1
         if state.pages is None or step % p.reselect_interval == 0:
@@ -170,13 +173,14 @@ class LServe(Method):
             # One selection per KV head (the max of its query heads' bounds): the group's query heads
             # then read the same pages, which the kernel reads once for all of them.
             q = batch.query[batch.query_start[b + 1] - 1]  # [H, D]: the request's last query
-            state.pages = ls.select(q, state.stats, streaming_kv, p.page_size, budget_pages)
-        elif state.pages[0, -1] != newest:  # the cache crossed into a new page since: read it too
+            state.pages = ls.select(q, state.stats, self.streaming_kv[batch.layer], p.page_size, budget_pages)
+        elif state.newest != newest:  # the cache crossed into a new page since: read it too
             state.pages = torch.cat([state.pages, torch.full_like(state.pages[:, :1], newest)], 1)
         elif state.read is not None:
             return state.read  # ranges end at page ends: causality trims them to the query
         # Streaming heads read the sink and the pages holding the local window, as LServe does.
         local_start = max(0, seq_len - p.decode_local) // p.page_size * p.page_size
-        ranges = ls.decode_ranges(state.pages, streaming_kv, self.group, p.page_size, p.decode_sink, local_start)
-        state.read = Read.indexed(ls.decode_index(ranges, seq_len))
+        ranges = ls.decode_ranges(state.pages, self.streaming_kv[batch.layer], self.group, p.page_size, p.decode_sink,
+                                  local_start)
+        state.read, state.newest = Read.indexed(ls.decode_index(ranges, seq_len)), newest
         return state.read

@@ -6,7 +6,7 @@
 //   lserve_select  - each dense KV head's best physical pages within the budget, newest last;
 //   lserve_ranges  - the key ranges every query head reads (dense: merged pages, streaming: sinks
 //                    and the local window);
-//   range_pairs    - (query, key) pairs a set of ranges gives queries at given positions.
+//   range_pairs    - (query, key) pairs a set of ranges gives consecutive queries.
 // The PyTorch reference of each is in fastctx/kernels/lserve.py.
 
 #include <torch/extension.h>
@@ -67,25 +67,26 @@ void lserve_extend(torch::Tensor key, torch::Tensor table_row, int64_t start, in
   });
 }
 
-// Upper bound of q.k over logical page p, max over a KV head's query heads:
-// sum_d max(q_d kmin_pd, q_d kmax_pd) = relu(q) . kmax_p + min(q, 0) . kmin_p.
+// Score of physical page p: the max over its logical pages l0..l1 and over a KV head's query
+// heads of sum_d max(q_d kmin_ld, q_d kmax_ld) = relu(q) . kmax_l + min(q, 0) . kmin_l
+// (qpos, qneg: [group][dim]).
 template <typename T>
-void logical_scores(const float* q, int group, int dim, const T* kmin, const T* kmax, int64_t pages, float* out) {
-  std::vector<float> qpos(group * dim), qneg(group * dim), lo(dim), hi(dim);
-  for (int i = 0; i < group * dim; ++i) qpos[i] = std::max(q[i], 0.0f), qneg[i] = std::min(q[i], 0.0f);
-  for (int64_t p = 0; p < pages; ++p) {
-    for (int d = 0; d < dim; ++d) lo[d] = static_cast<float>(kmin[p * dim + d]), hi[d] = static_cast<float>(kmax[p * dim + d]);
-    float best = -std::numeric_limits<float>::infinity();
+float physical_score(const float* qpos, const float* qneg, int group, int dim, const T* kmin, const T* kmax,
+                     int64_t l0, int64_t l1) {
+  float best = -std::numeric_limits<float>::infinity();
+  float lo[256], hi[256];  // head_dim <= 256
+  for (int64_t l = l0; l < l1; ++l) {
+    for (int d = 0; d < dim; ++d) lo[d] = static_cast<float>(kmin[l * dim + d]), hi[d] = static_cast<float>(kmax[l * dim + d]);
     for (int g = 0; g < group; ++g) {
-      const float* qp = qpos.data() + g * dim;
-      const float* qn = qneg.data() + g * dim;
+      const float* qp = qpos + g * dim;
+      const float* qn = qneg + g * dim;
       float s = 0.0f;
 #pragma omp simd reduction(+ : s)
       for (int d = 0; d < dim; ++d) s += qp[d] * hi[d] + qn[d] * lo[d];
       best = std::max(best, s);
     }
-    out[p] = best;
   }
+  return best;
 }
 
 // [dense KV heads, K] int32 ascending physical page ids: the budget_pages - 1 best by the max of
@@ -93,6 +94,7 @@ void logical_scores(const float* q, int group, int dim, const T* kmin, const T* 
 torch::Tensor lserve_select(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t logical_pages,
                             torch::Tensor streaming, int64_t logical, int64_t page_size, int64_t budget_pages) {
   const int kv_heads = (int)kmin.size(0), dim = (int)kmin.size(2), group = (int)(q.size(0) / kv_heads);
+  TORCH_CHECK(dim <= 256, "lserve_select: head_dim up to 256");
   const int64_t cap = kmin.size(1), per = page_size / logical;
   const int64_t pages = (logical_pages + per - 1) / per;
   auto qf = q.to(torch::kFloat).contiguous();
@@ -100,37 +102,44 @@ torch::Tensor lserve_select(torch::Tensor q, torch::Tensor kmin, torch::Tensor k
   std::vector<int> dense;
   for (int h = 0; h < kv_heads; ++h)
     if (!stream.data_ptr<bool>()[h]) dense.push_back(h);
-  const int64_t k = std::min(pages, budget_pages);
-  auto out = torch::empty({(int64_t)dense.size(), k}, torch::kInt);
+  const int64_t k = std::min(pages, budget_pages), nd = (int64_t)dense.size();
+  auto out = torch::empty({nd, k}, torch::kInt);
   int* o = out.data_ptr<int>();
-  at::parallel_for(0, (int64_t)dense.size(), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scores(logical_pages), physical(pages);
-    std::vector<int> ids(pages);
-    for (int64_t x = lo; x < hi; ++x) {
-      int* row = o + x * k;
-      if (pages <= budget_pages) {
-        std::iota(row, row + k, 0);
-        continue;
+  if (pages <= budget_pages) {
+    for (int64_t x = 0; x < nd; ++x) std::iota(o + x * k, o + (x + 1) * k, 0);
+    return out;
+  }
+  std::vector<float> qpos(q.numel()), qneg(q.numel());
+  const float* qd = qf.data_ptr<float>();
+  for (int64_t i = 0; i < q.numel(); ++i) qpos[i] = std::max(qd[i], 0.0f), qneg[i] = std::min(qd[i], 0.0f);
+  // Every older page of every dense head, split evenly over the threads.
+  std::vector<float> physical(nd * pages);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kmin.scalar_type(), "lserve_select", [&] {
+    const scalar_t* lo = kmin.data_ptr<scalar_t>();
+    const scalar_t* hi = kmax.data_ptr<scalar_t>();
+    at::parallel_for(0, nd * (pages - 1), 64, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t x = i / (pages - 1), p = i % (pages - 1);
+        const int h = dense[x];
+        const int64_t off = (int64_t)h * cap * dim;
+        physical[x * pages + p] = physical_score(qpos.data() + (int64_t)h * group * dim, qneg.data() + (int64_t)h * group * dim,
+                                                 group, dim, lo + off, hi + off, p * per,
+                                                 std::min(logical_pages, (p + 1) * per));
       }
-      const int h = dense[x];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kmin.scalar_type(), "lserve_select", [&] {
-        logical_scores<scalar_t>(qf.data_ptr<float>() + (int64_t)h * group * dim, group, dim,
-                                 kmin.data_ptr<scalar_t>() + (int64_t)h * cap * dim,
-                                 kmax.data_ptr<scalar_t>() + (int64_t)h * cap * dim, logical_pages, scores.data());
-      });
-      for (int64_t p = 0; p < pages; ++p) {
-        const int64_t l0 = p * per, l1 = std::min(logical_pages, l0 + per);
-        physical[p] = *std::max_element(scores.begin() + l0, scores.begin() + l1);
-      }
-      // The best budget_pages - 1 of the older pages (ties to the earlier page), then the newest.
-      std::iota(ids.begin(), ids.end() - 1, 0);
-      auto better = [&](int a, int b) { return physical[a] > physical[b] || (physical[a] == physical[b] && a < b); };
-      std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end() - 1, better);
-      std::sort(ids.begin(), ids.begin() + (k - 1));
-      std::copy(ids.begin(), ids.begin() + (k - 1), row);
-      row[k - 1] = (int)(pages - 1);
-    }
+    });
   });
+  // The best budget_pages - 1 of the older pages (ties to the earlier page), then the newest.
+  std::vector<int> ids(pages - 1);
+  for (int64_t x = 0; x < nd; ++x) {
+    const float* sc = physical.data() + x * pages;
+    std::iota(ids.begin(), ids.end(), 0);
+    auto better = [&](int a, int b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); };
+    std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), better);
+    std::sort(ids.begin(), ids.begin() + (k - 1));
+    int* row = o + x * k;
+    std::copy(ids.begin(), ids.begin() + (k - 1), row);
+    row[k - 1] = (int)(pages - 1);
+  }
   return out;
 }
 
@@ -172,16 +181,15 @@ torch::Tensor lserve_ranges(torch::Tensor pages, torch::Tensor streaming, int64_
   return out;
 }
 
-// Sum over heads, ranges and query positions of the keys a range gives a query at pos (causal).
-int64_t range_pairs(torch::Tensor ranges, torch::Tensor pos) {
+// Sum over heads and ranges of the keys the ranges give `count` queries at positions
+// first_pos, first_pos + 1, ... (causal): a decode's read pairs, counted every layer.
+int64_t range_pairs(torch::Tensor ranges, int64_t first_pos, int64_t count) {
   auto r = ranges.to(torch::kInt).contiguous();
-  auto p = pos.to(torch::kLong).contiguous();
   const int* rr = r.data_ptr<int>();
-  const int64_t* pp = p.data_ptr<int64_t>();
   int64_t total = 0;
   for (int64_t i = 0; i < r.numel() / 2; ++i)
-    for (int64_t j = 0; j < p.numel(); ++j) {
-      const int64_t start = std::max<int64_t>(rr[2 * i], 0), end = std::min<int64_t>(rr[2 * i + 1], pp[j] + 1);
+    for (int64_t p = first_pos; p < first_pos + count; ++p) {
+      const int64_t start = std::max<int64_t>(rr[2 * i], 0), end = std::min<int64_t>(rr[2 * i + 1], p + 1);
       total += std::max<int64_t>(end - start, 0);
     }
   return total;
@@ -193,5 +201,5 @@ void register_lserve(pybind11::module& m) {
   m.def("lserve_extend", &lserve_extend, "LServe: per-logical-page key min/max from the paged cache (CPU)");
   m.def("lserve_select", &lserve_select, "LServe: each dense KV head's best pages within the budget (CPU)");
   m.def("lserve_ranges", &lserve_ranges, "LServe: key ranges per query head from pages and streaming heads");
-  m.def("range_pairs", &range_pairs, "(query, key) pairs that key ranges give queries at positions");
+  m.def("range_pairs", &range_pairs, "(query, key) pairs that key ranges give consecutive queries");
 }
