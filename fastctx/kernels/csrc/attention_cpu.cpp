@@ -720,7 +720,7 @@ class ItemRunner {
   // Scores the tile against the packed queries and folds it into the online softmax.
   void fold() {
     if (s_.n == 0) return;
-#ifdef FASTCTX_MICRO
+#ifdef FASTCTX_PAIRS
     if (amx_) {
       fold_amx();
       s_.n = 0;
@@ -890,8 +890,11 @@ class ItemRunner {
       }
       const bool every = all_visible(kmin, ascending ? s_.kpos[w - 1] : kmax, first_pos, last_pos);
       for (int i = 0; i < rr; ++i) {
+#ifdef FASTCTX_PAIRS
         if (pairs) softmax_row_bf16(r0 + i, S + (size_t)i * kTile, w, every, P + (size_t)i * kTile, (w + 15) / 16 * 16);
-        else softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
+        else
+#endif
+        softmax_row(r0 + i, S + (size_t)i * kTile, w, every);
       }
       float* acc = s_.acc.data() + (size_t)r0 * dim;
       for (size_t x = 0; x < s_.segs.size(); ++x) {
@@ -909,6 +912,7 @@ class ItemRunner {
     }
   }
 
+#ifdef FASTCTX_PAIRS  // (AVX512-BF16 hosts: the bf16 conversions below need it)
   // softmax_row for unscaled scores, writing P as bf16 (zero up to `padded`) in the same pass
   // as the exponentials: two passes over the row in all (max, then exp + sum + store).
   void softmax_row_bf16(int row, float* si, int w, bool every, at::BFloat16* pi, int padded) {
@@ -942,6 +946,7 @@ class ItemRunner {
     for (; j < padded; j += 16) _mm256_storeu_si256((__m256i*)(pi + j), zero);
     s_.l[row] += _mm512_reduce_add_ps(sum);
   }
+#endif
 
   // Sets the scores of keys the row at position p does not read to -inf, 16 keys at a time.
   void mask_row(int p, float* si, int w) const {
@@ -1032,7 +1037,7 @@ class ItemRunner {
     for (int j = 0; j < len * dim; ++j) s_.vst[(size_t)s_.n * dim + j] = at::BFloat16(v[j]);
   }
 
-#ifdef FASTCTX_MICRO
+#ifdef FASTCTX_PAIRS
   void fold_amx() {
     const int n = s_.n, rows = rows_(), dim = kv_.dim;
     const int chunks = (n + kAmxKeys - 1) / kAmxKeys, padded = chunks * kAmxKeys;
