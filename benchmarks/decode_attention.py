@@ -44,6 +44,7 @@ def main(argv=None) -> dict:
                         help="default: the dtype stock vLLM is fastest at on this CPU (bf16 with AVX512-BF16)")
     args = parser.parse_args(argv)
     from fastctx.kernels.attention import Read, paged_attention
+    from fastctx.kernels.paged import SeqKV
     from fastctx.methods import DecodeBatch, ModelShape
     from fastctx.methods.lserve import DEFAULT_MODEL_HEADS, LServe, LServeParams
     from fastctx.vllm_plugin.paged_kv import cpu_paged_kv
@@ -87,10 +88,8 @@ def main(argv=None) -> dict:
         return read
 
     start = time.perf_counter()
-    for layer in range(args.layers):  # a request's first decode: bounds of its whole context
-        states[layer].stats.extend(DecodeBatch(query=queries[0], query_start=[0, 1], seq_lens=[args.context],
-                                               kv=layers[layer][0], block_table=layers[layer][1], layer=layer,
-                                               scale=scale, states=[]).keys(0))
+    for layer, (kv, table, *_) in enumerate(layers):  # a request's first decode: bounds of its whole context
+        states[layer].stats.extend(SeqKV(kv, table[0], args.context))
     bounds_ms = (time.perf_counter() - start) * 1e3 / args.layers
 
     times = {"vllm": [], "dense": [], "lserve": []}

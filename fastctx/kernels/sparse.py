@@ -118,10 +118,6 @@ def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.T
     col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
     if has_cols is None:
         has_cols = bool((col >= 0).any())
-    if blocks == 1 and ranges.device.type == "cpu" and not has_cols and int(pos[-1]) - int(pos[0]) == n - 1:
-        from fastctx.kernels._cpu_ext import cpu_ops  # consecutive queries of one block: a decode
-
-        return cpu_ops().range_pairs(ranges[:, first_block], int(pos[0]), n), causal
     rng = ranges[:, first_block + torch.arange(n) // block_q].long()  # [H, n, NR, 2]
     visible_end = torch.minimum(rng[..., 1], pos[None, :, None] + 1)
     from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()

@@ -642,11 +642,7 @@ class ItemRunner {
     }
     const int bs = kv_.block_size;
     while (start < end) {
-      if (s_.n == kTile) {
-        if constexpr (std::is_same<T, at::BFloat16>::value) upcoming_k_ = kv_.kp(table_[start / bs], kvh_, start % bs);
-        fold();
-        upcoming_k_ = nullptr;
-      }
+      if (s_.n == kTile) fold();
       const int blk = table_[start / bs], tok = start % bs;
       const int len = std::min({end - start, bs - tok, kTile - s_.n});
       if constexpr (std::is_same<T, at::BFloat16>::value) {
@@ -855,17 +851,6 @@ class ItemRunner {
     // bf16 cache read in place throughout the tile: bf16-pair dot products on the raw queries.
     bool pairs = pairs_;
     for (const Segment& g : s_.segs) pairs &= g.kb && g.vb;
-#ifdef FASTCTX_PAIRS
-    // Decodes over scattered runs (selected pages) are bound by memory latency: ask for the whole
-    // tile at once so that its lines are in flight together.
-    if (pairs && rows <= 3 && s_.segs.size() > 2)
-      for (const Segment& g : s_.segs) {
-        for (int d = 0; d < dim; ++d)
-          for (int j = 0; j < g.len; j += 32) _mm_prefetch((const char*)(g.kb + d * g.ldk + j), _MM_HINT_T1);
-        for (int j = 0; j < g.len; ++j)
-          for (int d = 0; d < dim; d += 32) _mm_prefetch((const char*)(g.vb + j * g.ldv + d), _MM_HINT_T1);
-      }
-#endif
     at::BFloat16* P = s_.pb.data();
     for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
       const int rr = std::min(kMicroRows, rows - r0);
@@ -903,7 +888,7 @@ class ItemRunner {
         if (len <= 0) continue;
 #ifdef FASTCTX_PAIRS
         if (pairs) pv_rows_pairs(rr, P + g.col0, kTile, g.vb, g.ldv, len, acc, dim,
-                                 x + 1 < s_.segs.size() ? s_.segs[x + 1].vb : upcoming_k_);
+                                 x + 1 < s_.segs.size() ? s_.segs[x + 1].vb : nullptr);
         else
 #endif
         if (g.vb) pv_rows(rr, S + g.col0, kTile, g.vb, g.ldv, len, acc, dim);
@@ -1096,7 +1081,6 @@ class ItemRunner {
   bool micro_, amx_, pairs_;
   float scale_;
   std::vector<uint8_t> member_;
-  const at::BFloat16* upcoming_k_ = nullptr;  // K of the keys after a full tile (prefetched by its last run)
 };
 
 struct IndexSlot {
