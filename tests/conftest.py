@@ -7,6 +7,10 @@ instead: CI must prove the engine path, not step around it.
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 
@@ -84,3 +88,41 @@ def stock_llm(vllm_available, model_dir):
 @pytest.fixture(scope="session")
 def dense_llm(vllm_available, model_dir):
     return _make_llm(model_dir, **DENSE)
+
+
+def wait_for(pred, timeout=10.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is missing: make setup installs Debian's redis-server"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port)
+    assert wait_for(lambda: _ping(client))
+    yield port, client, proc
+    proc.kill()
+    proc.wait()
+
+
+def _ping(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 ATTENTION_BACKEND = "fastctx.vllm_plugin.attention.FastctxCPUAttentionBackend"
 WORKER_CLS = "fastctx.vllm_plugin.worker.FastctxCPUWorker"
+BLEND_CONNECTOR = "FastctxBlendConnector"
 SUPPORTED_VLLM = "0.32"
 
 _registered = False
@@ -45,4 +46,9 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if BLEND_CONNECTOR not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(BLEND_CONNECTOR, "fastctx.vllm_plugin.blend_connector",
+                                              "FastctxBlendConnector")
     _registered = True

@@ -51,6 +51,15 @@ def validate(vllm_config) -> FastctxConfig:
     return cfg
 
 
+def _uses_blend(vllm_config) -> bool:
+    """fastctx's CacheBlend connector needs fastctx's worker (it hands the connector the model)."""
+    from fastctx.vllm_plugin import BLEND_CONNECTOR
+
+    kv = vllm_config.kv_transfer_config
+    return kv is not None and (kv.kv_connector == BLEND_CONNECTOR or (kv.kv_connector_module_path or "").startswith(
+        "fastctx."))
+
+
 def _is_fastctx_worker(qualname: str) -> bool:
     from fastctx.vllm_plugin.worker import FastctxCPUWorker
 
@@ -70,7 +79,8 @@ class FastctxCpuPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         parallel = vllm_config.parallel_config
-        if vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM and parallel.worker_cls == "auto":
+        if (vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM or _uses_blend(vllm_config)) \
+                and parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         super().check_and_update_config(vllm_config)
         validate(vllm_config)

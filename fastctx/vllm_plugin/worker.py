@@ -17,6 +17,17 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+# The model this worker process loaded: stock vLLM never hands it to a KV connector, and
+# CacheBlend's connector runs its layers.
+_loaded_model = None
+
+
+def loaded_model():
+    if _loaded_model is None:
+        raise RuntimeError("cacheblend: the model is not reachable from the connector; run fastctx's worker "
+                           "(leave --worker-cls at auto, or subclass fastctx.vllm_plugin.worker.FastctxCPUWorker)")
+    return _loaded_model
+
 
 class FastctxWorkerExtension:
     def fastctx_density(self, reset: bool | str = False) -> list[dict]:
@@ -30,6 +41,15 @@ class FastctxWorkerExtension:
         runtime = getattr(self, "fastctx_runtime", None)
         return runtime.states.live() if runtime is not None else []
 
+    def fastctx_blend_stats(self, reset: bool | str = False) -> dict:
+        """CacheBlend's counts in this worker (chunks hit/missed, tokens reused/recomputed, seconds);
+        ``{}`` without fastctx's connector."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        connector = get_kv_transfer_group() if has_kv_transfer_group() else None
+        stats = getattr(connector, "stats", None)
+        return stats.summary(reset=reset in (True, "reset")) if stats is not None else {}
+
 
 class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
     fastctx_runtime = None
@@ -37,7 +57,9 @@ class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
     def load_model(self, *args, **kwargs):
         from fastctx.vllm_plugin.attention import bind_attention_layers
 
+        global _loaded_model
         result = super().load_model(*args, **kwargs)
+        _loaded_model = self.model_runner.model
         self.fastctx_runtime = bind_attention_layers(self.vllm_config, self.model_runner)
         return result
 
