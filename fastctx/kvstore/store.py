@@ -44,11 +44,11 @@ _MODEL = "fastctx-chunks"
 
 
 def _format():
-    """LMCache's layout tag for our flat byte entries: one with the token axis first (here: bytes), which
-    is what its CPU tier counts when it evicts or clears."""
+    """LMCache's layout tag for our flat byte entries: one whose token axis is the first (here: bytes),
+    which its CPU tier reads when it evicts or clears."""
     from lmcache.v1.memory_management import MemoryFormat
 
-    return MemoryFormat.KV_T2D
+    return MemoryFormat.KV_2TD
 
 
 def encode(key: str, fmt: KVFormat, kv: torch.Tensor) -> torch.Tensor:

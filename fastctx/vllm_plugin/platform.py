@@ -43,11 +43,21 @@ def validate(vllm_config) -> FastctxConfig:
         raise FastctxConfigError(
             "fastctx config given in --additional-config, but the fastctx attention backend "
             "is not selected: add --attention-backend CUSTOM")
+    if _uses_blend(vllm_config):
+        from fastctx.cacheblend.params import BlendParams
+        from fastctx.methods.base import KnobError
+
+        try:
+            BlendParams.from_dict(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        except KnobError as exc:
+            raise FastctxConfigError(str(exc)) from None
     worker = vllm_config.parallel_config.worker_cls
-    if selected and worker not in (WORKER_CLS, "auto") and not _is_fastctx_worker(worker):
+    if (selected or _uses_blend(vllm_config)) and worker not in (WORKER_CLS, "auto") \
+            and not _is_fastctx_worker(worker):
         raise FastctxConfigError(
-            f"fastctx config: --worker-cls {worker} is not fastctx's worker; the fastctx backend needs it (it names "
-            f"a batch's requests and frees their state): drop --worker-cls or subclass {WORKER_CLS}")
+            f"fastctx config: --worker-cls {worker} is not fastctx's worker; the fastctx backend and the CacheBlend "
+            f"connector need it (it names a batch's requests, frees their state and hands the connector the "
+            f"model): drop --worker-cls or subclass {WORKER_CLS}")
     return cfg
 
 

@@ -50,6 +50,16 @@ class FastctxWorkerExtension:
         stats = getattr(connector, "stats", None)
         return stats.summary(reset=reset in (True, "reset")) if stats is not None else {}
 
+    def fastctx_blend_format(self) -> dict:
+        """What this worker's chunk keys cover (weights fingerprint, dtype, layers, KV heads, head_dim), as
+        a process sharing its store needs them; ``{}`` before the first blend or without the connector."""
+        from dataclasses import asdict
+
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        worker = getattr(get_kv_transfer_group() if has_kv_transfer_group() else None, "_worker", None)
+        return asdict(worker.fmt) if worker is not None else {}
+
 
 class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
     fastctx_runtime = None
