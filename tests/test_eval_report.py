@@ -102,6 +102,35 @@ def test_methods_parse_with_clear_errors():
         parse_methods(['x={"attention": "minference", "minference": {"v_sise": 1}}'])
 
 
+def test_a_connector_method_runs_stock_attention_with_its_kv_transfer_config():
+    from fastctx.eval.server import method_flags, uses_connector
+
+    methods = parse_methods(["cacheblend", 'cb5={"kv_transfer": {"kv_connector": "FastctxBlendConnector", '
+                             '"kv_role": "kv_both", "kv_connector_extra_config": {"recompute_ratio": 0.05}}}'])
+    flags = method_flags(methods["cb5"])
+    assert flags[0] == "--kv-transfer-config" and "--attention-backend" not in flags
+    assert json.loads(flags[1])["kv_connector_extra_config"]["recompute_ratio"] == 0.05
+    assert uses_connector(methods["cacheblend"]) and not uses_connector(None)
+    with pytest.raises(ValueError, match="recompute_ratio=3"):
+        parse_methods(['cb={"kv_transfer": {"kv_connector": "FastctxBlendConnector", '
+                       '"kv_connector_extra_config": {"recompute_ratio": 3}}}'])
+
+
+def test_report_sums_cacheblend_counts(tmp_path):
+    store = ResultStore(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"methods": {"dense": {}, "cb": {"kv_transfer": {}}},
+                                                      "lengths": [1024], "mode": "rag", "partial": False}))
+    store.append(_request("dense", "kv", 0, 1.0, 1.0))
+    for turn, hit in enumerate((0, 4)):
+        r = _request("cb", "kv", turn, 1.0, 1.0)
+        r["blend"] = {"chunks_hit": hit, "chunks_missed": 4 - hit, "tokens_reused": 100 * hit,
+                      "tokens_recomputed": 50, "load_s": 0.5, "blend_s": 0.25}
+        store.append(r)
+    blend = aggregate(tmp_path)["methods"]["cb"]["overall"]["blend"]
+    assert blend["chunks_hit"] == 4 and blend["chunks_missed"] == 4 and blend["tokens_reused"] == 400
+    assert "## CacheBlend" in write_report(tmp_path).read_text()
+
+
 def _args(*argv):
     return build_parser().parse_args(["run", "--out", "unused", "--model", "m", *argv])
 

@@ -95,6 +95,27 @@ def test_multi_request_prompts_share_the_context_and_differ_in_the_query(tokeniz
         messages(s, 1, "multi_turn")
 
 
+@pytest.mark.parametrize("task", ["multidoc_qa", "passkey"])
+def test_rag_prompts_reorder_whole_chunks_that_the_connector_finds(tokenizer, task):
+    from fastctx.cacheblend.chunks import split_on_separator
+    from fastctx.cacheblend.params import BlendParams
+    from fastctx.eval.prompts import rag_chunks
+
+    s = generate_session(task, tokenizer, 2000, 3, seed=0)
+    chunks = rag_chunks(tokenizer, s)
+    assert len(chunks) >= 3
+    sep = tokenizer.encode(BlendParams().separator, add_special_tokens=False)
+    found = []
+    for t in range(3):
+        ids = prompt_ids(tokenizer, s, t, "rag")
+        pieces = [ids[a:b] for a, b in split_on_separator(ids, sep, 1)]
+        # The template's head, then every chunk (led by chunk t), whole; the question follows the last separator.
+        assert pieces[1:] == chunks[t:] + chunks[:t]
+        assert s.turns[t]["input"] in tokenizer.decode(ids[-60:])
+        found.append(pieces[1])
+    assert len({tuple(p) for p in found}) == 3  # each query led by another chunk: no shared prefix past the head
+
+
 def test_teacher_forced_ids_put_the_golden_answer_after_the_prompt(tokenizer):
     s = generate_session("variable_tracking", tokenizer, 600, 1, seed=0)
     ids, start = teacher_forced_ids(tokenizer, s, 0)

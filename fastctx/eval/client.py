@@ -93,22 +93,26 @@ def prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, ti
     return [{int(tok): entry["logprob"] for tok, entry in row.items()} for row in rows[max(start, 1):]]
 
 
-def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
-    """Query/key pairs the fastctx methods read since the last call (then reset): prefill pairs as
-    ``read_pairs``/``causal_pairs``, decode pairs (when a decode method runs) as ``decode_*``.
-    Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and fastctx's worker; None for a server
-    without fastctx methods or without that endpoint (e.g. SGLang)."""
+def _worker_rpc(base_url: str, method: str, timeout: float) -> list | None:
+    """Each worker's answer to ``method`` (with "reset"), or None where the server has no such endpoint."""
     try:
-        reply = requests.post(base_url + "/collective_rpc", timeout=timeout,
-                              json={"method": "fastctx_density", "args": ["reset"]})
+        reply = requests.post(base_url + "/collective_rpc", timeout=timeout, json={"method": method, "args": ["reset"]})
     except requests.RequestException as exc:
         raise ServerError(f"{base_url}/collective_rpc: {exc}") from exc
     if reply.status_code in (404, 405):
         return None
     if reply.status_code != 200:
         raise ServerError(f"{base_url}/collective_rpc: HTTP {reply.status_code}: {reply.text[:500]}")
-    workers = reply.json()["results"]
-    stats = [s for worker in workers for s in (worker or [])]
+    return reply.json()["results"]
+
+
+def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
+    """Query/key pairs the fastctx methods read since the last call (then reset): prefill pairs as
+    ``read_pairs``/``causal_pairs``, decode pairs (when a decode method runs) as ``decode_*``.
+    Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and fastctx's worker; None for a server
+    without fastctx methods or without that endpoint (e.g. SGLang)."""
+    workers = _worker_rpc(base_url, "fastctx_density", timeout)
+    stats = [s for worker in workers or [] for s in (worker or [])]
     if not stats:
         return None
     out = {}
@@ -118,3 +122,15 @@ def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
             out[prefix + "read_pairs"] = sum(s["read_pairs"] for s in rows)
             out[prefix + "causal_pairs"] = sum(s["causal_pairs"] for s in rows)
     return out
+
+
+BLEND_COUNTS = ("chunks_hit", "chunks_missed", "tokens_reused", "tokens_recomputed", "load_s", "blend_s")
+
+
+def fastctx_blend_stats(base_url: str, timeout: float = 30) -> dict | None:
+    """CacheBlend's counts since the last call (then reset), summed over workers; None without the
+    connector."""
+    workers = [w for w in _worker_rpc(base_url, "fastctx_blend_stats", timeout) or [] if w]
+    if not workers:
+        return None
+    return {k: sum(w[k] for w in workers) for k in BLEND_COUNTS}

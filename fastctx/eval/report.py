@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fastctx.eval.agreement import compare
+from fastctx.eval.client import BLEND_COUNTS
 from fastctx.eval.store import read_jsonl
 
 REFERENCE = "dense"
@@ -36,6 +37,7 @@ def request_stats(reqs: list[dict]) -> dict:
     decode = [r["density"] for r in reqs if r.get("density") and "decode_causal_pairs" in r["density"]]
     decode_causal = sum(d["decode_causal_pairs"] for d in decode)
     kv = [r["kv_usage"] for r in reqs if r.get("kv_usage") is not None]
+    blends = [r["blend"] for r in reqs if r.get("blend")]
     return {
         "n": len(reqs),
         "score": _mean([r["score"] for r in reqs]),
@@ -50,6 +52,8 @@ def request_stats(reqs: list[dict]) -> dict:
         "density": sum(d["read_pairs"] for d in dens) / causal if causal else None,
         # The same for decodes, when a fastctx decode method ran.
         "decode_density": sum(d["decode_read_pairs"] for d in decode) / decode_causal if decode_causal else None,
+        # CacheBlend's counts summed over the requests (None: no KV connector).
+        "blend": {k: sum(b[k] for b in blends) for k in BLEND_COUNTS} if blends else None,
     }
 
 
@@ -169,6 +173,16 @@ def markdown(results: dict) -> str:
         for t, by_len in s["by_length"].items():
             lines.append(f"| {m} | {t} | " + " | ".join(
                 _fmt(by_len.get(str(n), {}).get("score")) for n in cfg.get("lengths", [])) + " |")
+    blended = {m: s["overall"]["blend"] for m, s in methods.items() if s["overall"].get("blend")}
+    if blended:
+        lines += ["", "## CacheBlend", "", "| method | chunks hit / missed | tokens reused / recomputed | "
+                  "load s | blend s |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {b['chunks_hit']} / {b['chunks_missed']} | {b['tokens_reused']} / "
+                  f"{b['tokens_recomputed']} | {_fmt(b['load_s'])} | {_fmt(b['blend_s'])} |"
+                  for m, b in blended.items()]
+        lines += ["", "Load: fetching stored chunks and prefilling new ones on their own; blend: the recompute "
+                  "and writing vLLM's cache. No teacher-forced fidelity for a KV connector's method: vLLM reads no "
+                  "cache for prompt-logprob requests (`benchmarks/cacheblend_ttft.py` measures it offline)."]
     if results["events"]:
         lines += ["", "## Server incidents", ""]
         lines += [f"- {e['method']} replica {e.get('replica', 0)}: {e['event']} "

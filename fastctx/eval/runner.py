@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastctx.eval.client import ServerError, complete, fastctx_density, prompt_logprobs
+from fastctx.eval.client import ServerError, complete, fastctx_blend_stats, fastctx_density, prompt_logprobs
 from fastctx.eval.prompts import prompt_ids, teacher_forced_ids
-from fastctx.eval.server import VllmServer
+from fastctx.eval.server import VllmServer, uses_connector
 from fastctx.eval.store import ResultStore
 from fastctx.eval.tasks import TASKS, Session, generate_session, load_scbench_sessions
 from fastctx.eval.texts import prompt_token_ids
@@ -110,12 +110,16 @@ def plan(spec: RunSpec, tokenizer) -> dict[str, list[list[Item]]]:
             fidelity.append(Item(f"answer|{s.id}", "answer", {**meta, "turn": 0}, ids, start=start))
         for method in spec.methods:
             units[method].append([_keyed(method, i) for i in turns])
-            fidelity_units[method] += [[_keyed(method, i)] for i in fidelity]
+            if not uses_connector(spec.methods[method]):
+                fidelity_units[method] += [[_keyed(method, i)] for i in fidelity]
     text_len = min(longest, context_limit - 1)
     text = Item(f"text|{text_len}|{spec.text_positions}", "text", {"length": text_len},
                 prompt_token_ids(tokenizer, text_len), start=text_len - spec.text_positions)
-    # Sessions first (scores arrive early, and replicas each take one), fidelity items after.
-    return {m: units[m] + fidelity_units[m] + [[_keyed(m, text)]] for m in spec.methods}
+    # Sessions first (scores arrive early, and replicas each take one), fidelity items after. A KV
+    # connector's method gets none: vLLM reads no cache (so no connector) for prompt-logprob requests,
+    # and the scores would be full prefill's (benchmarks/cacheblend_ttft.py measures CacheBlend's).
+    return {m: units[m] + fidelity_units[m] + ([] if uses_connector(spec.methods[m]) else [[_keyed(m, text)]])
+            for m in spec.methods}
 
 
 def _keyed(method: str, item: Item) -> Item:
@@ -181,11 +185,14 @@ class Replica:
         timeout = self.spec.request_timeout
         if item.kind == "request":
             fastctx_density(self.url)  # start the counts at this request
+            fastctx_blend_stats(self.url)
             out = complete(self.url, self.spec.model, item.prompt, item.max_tokens, timeout)
             density = fastctx_density(self.url)
+            blend = fastctx_blend_stats(self.url)
             score = TASKS[item.meta["task"]].score(out["text"], item.answer)
             self.emit({"kind": "request", "key": item.key, **item.meta, "replica": self.index, **out,
-                       "answer": item.answer, "score": score, "density": density, "time": time.time()})
+                       "answer": item.answer, "score": score, "density": density, "blend": blend,
+                       "time": time.time()})
         else:
             rows = prompt_logprobs(self.url, self.spec.model, item.prompt, TOP_K, timeout, start=item.start)
             self.emit({"kind": item.kind, "key": item.key, **item.meta, "replica": self.index,

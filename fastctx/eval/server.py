@@ -1,6 +1,7 @@
 """Methods under test, and a vLLM OpenAI server started for one of them.
 
-A method is a ``fastctx`` config section (None: stock vLLM, no fastctx backend).
+A method is a ``fastctx`` config section (None: stock vLLM, no fastctx backend); its
+``kv_transfer`` key, if any, is a ``--kv-transfer-config`` instead (CacheBlend's connector).
 The server runs in its own session (process group); :meth:`VllmServer.stop` ends the
 API server, the EngineCore and its workers, and checks that none of them is left.
 """
@@ -24,11 +25,17 @@ from fastctx import methods
 from fastctx.config import FastctxConfig
 from fastctx.eval.client import ServerError
 
+KV_TRANSFER = "kv_transfer"
+
 # Each registered method's ``eval_section`` (knobs sized for an 8K-context model: MInference's
 # own budgets (1000, 6096) are sized for 128K contexts and would be dense here); ``stock`` is vLLM
 # without fastctx. ``NAME=JSON`` overrides or adds one.
 METHODS = {"stock": None, **{name: cls.eval_section for name, cls in methods.registered().items()
-                             if cls.eval_section is not None}}
+                             if cls.eval_section is not None},
+           # CacheBlend on stock attention, at the paper's ratio; its chunks are the prompt's pieces between
+           # the separator (run it with --mode rag, where each query reorders the context's chunks).
+           "cacheblend": {KV_TRANSFER: {"kv_connector": "FastctxBlendConnector", "kv_role": "kv_both",
+                                        "kv_connector_extra_config": {"recompute_ratio": 0.15, "local_cpu_gb": 1.0}}}}
 
 
 def parse_methods(specs: list[str]) -> dict[str, dict | None]:
@@ -48,15 +55,36 @@ def parse_methods(specs: list[str]) -> dict[str, dict | None]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"method {name!r}: its config is not JSON ({exc})") from exc
         if parsed is not None:
-            FastctxConfig.from_section(parsed)  # a bad knob stops here, not after a server start
+            check_method(parsed)  # a bad knob stops here, not after a server start
         methods[name] = parsed
     return methods
+
+
+def check_method(section: dict) -> None:
+    fastctx = {k: v for k, v in section.items() if k != KV_TRANSFER}
+    if fastctx:
+        FastctxConfig.from_section(fastctx)
+    kv = section.get(KV_TRANSFER)
+    if kv is not None and (kv or {}).get("kv_connector") == "FastctxBlendConnector":
+        from fastctx.cacheblend.params import BlendParams
+
+        BlendParams.from_dict(kv.get("kv_connector_extra_config"))
+
+
+def uses_connector(section: dict | None) -> bool:
+    return bool(section) and KV_TRANSFER in section
 
 
 def method_flags(section: dict | None) -> list[str]:
     if section is None:
         return []
-    return ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"fastctx": section})]
+    flags = []
+    fastctx = {k: v for k, v in section.items() if k != KV_TRANSFER}
+    if fastctx:
+        flags += ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"fastctx": fastctx})]
+    if KV_TRANSFER in section:
+        flags += ["--kv-transfer-config", json.dumps(section[KV_TRANSFER])]
+    return flags
 
 
 def free_port() -> int:

@@ -77,7 +77,10 @@ class FastctxBlendConnector(KVConnectorBase_V1):
         end -= end % self.block_size
         if end - num_computed_tokens < self.block_size:
             return 0, False
-        spans = [(s, e) for s, e in spans if s < end]  # whole chunks: the key covers all of a chunk's tokens
+        # Whole chunks that reach into the region (a key covers all of a chunk's tokens).
+        spans = [(s, e) for s, e in spans if s < end and e > num_computed_tokens]
+        if not spans:
+            return 0, False
         self._pending[request.request_id] = BlendPlan(
             request.request_id, prompt[:max(end, spans[-1][1])], num_computed_tokens, end, spans,
             cache_salt=getattr(request, "cache_salt", None), recompute_ratio=self._ratio(request))
@@ -95,7 +98,16 @@ class FastctxBlendConnector(KVConnectorBase_V1):
             if plan is not None:
                 plan.block_ids = list(new.block_ids[0])
                 meta.plans.append(plan)
-        # A request scheduled otherwise (resumed after preemption) asks get_num_new_matched_tokens again.
+        # A request resumed after preemption was planned again; its new blocks replace all its old ones.
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            plan = self._ready.pop(req_id, None)
+            if plan is not None and req_id in cached.resumed_req_ids and cached.new_block_ids[i] is not None:
+                plan.block_ids = list(cached.new_block_ids[i][0])
+                meta.plans.append(plan)
+        if self._ready:
+            logger.warning("cacheblend: %d claimed requests were not scheduled; they will be planned again",
+                           len(self._ready))
         self._ready.clear()
         self._pending.clear()
         return meta
