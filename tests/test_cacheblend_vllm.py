@@ -108,11 +108,26 @@ def test_ratio_zero_reuses_every_stored_token(blend_llm, parts):
     out = run(blend_llm, [ids], ratio=0.0)
     s = stats(blend_llm)
     region = (len(ids) - 1) // 128 * 128  # the connector fills whole blocks, vLLM computes the rest
-    in_chunks = min(region, 3 * DOC_TOKENS + 2 * len(parts[1])) - 2 * len(parts[1])
+    # Every stored token of the chunks after the first, as is; the chunk opening the prompt (before its
+    # stored positions) and the separators are computed.
+    reused = min(region, 3 * DOC_TOKENS + 2 * len(parts[1])) - 2 * len(parts[1]) - DOC_TOKENS
     assert s["chunks_hit"] == 3 and s["chunks_missed"] == 0
-    assert s["tokens_reused"] == in_chunks  # every stored token as is
-    assert s["tokens_recomputed"] == region - in_chunks  # only the separators
+    assert s["tokens_reused"] == reused
+    assert s["tokens_recomputed"] == region - reused
     assert len(out[0]) == 12
+
+
+def test_a_stored_chunk_placed_where_it_was_computed_is_exact_at_ratio_zero(blend_llm, stock_llm, parts):
+    docs, sep, _, question = parts
+    # Stored chunks are prefilled after the separator alone; a prompt opening with the separator and
+    # that chunk holds it in the same context, so reusing every stored token changes nothing.
+    run(blend_llm, [sep + docs[1] + sep + docs[7] + question], ratio=1.0)  # stores docs 1 and 7
+    stats(blend_llm)
+    ids = sep + docs[7] + sep + docs[1][:60] + question
+    assert run(blend_llm, [ids], ratio=0.0) == run(stock_llm, [ids])
+    s = stats(blend_llm)
+    # The region ends where the last chunk's last whole block does: at 128, after the 3 separator tokens.
+    assert s["chunks_hit"] == 1 and s["tokens_reused"] == 128 - len(sep)
 
 
 def test_prefix_cache_hit_then_blended_chunks(blend_llm, stock_llm, parts):

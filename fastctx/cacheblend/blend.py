@@ -54,12 +54,14 @@ class DecoderStack(Protocol):
 
 @dataclass
 class StoredSpan:
-    """Stored KV ``[layers, 2, n, kv_heads * head_dim]`` (post-RoPE, positions ``0..n-1``) of which tokens
-    ``[skip, skip + length)`` sit at region offsets ``[offset, offset + length)``."""
+    """Stored KV ``[layers, 2, n, kv_heads * head_dim]`` (post-RoPE, computed at positions
+    ``origin..origin+n-1``) of which tokens ``[skip, skip + length)`` sit at region offsets
+    ``[offset, offset + length)``."""
     offset: int
     length: int
     kv: torch.Tensor
     skip: int = 0
+    origin: int = 0
 
 
 @dataclass
@@ -93,7 +95,7 @@ def blend(stack: DecoderStack, token_ids: torch.Tensor, start: int, stored: list
         keys[:, sl] = s.kv[:, 0, s.skip:s.skip + s.length]
         values[:, sl] = s.kv[:, 1, s.skip:s.skip + s.length]
         reusable[sl] = True
-        shift[sl] = positions[sl] - torch.arange(s.skip, s.skip + s.length)
+        shift[sl] = positions[sl] - torch.arange(s.origin + s.skip, s.origin + s.skip + s.length)
     reused = int(reusable.sum())
     moved = reusable & (shift != 0)
     if moved.any():

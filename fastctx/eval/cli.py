@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastctx.eval.prompts import MODES
+from fastctx.eval.server import METHODS
 from fastctx.eval.tasks import TASKS
 
 if TYPE_CHECKING:  # the runner is imported lazily: the CLI starts fast
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory (results.jsonl, results.json, report.md, PNGs)")
     run.add_argument("--preset", choices=list(PRESETS), help="a ready-made run; explicit flags override it")
     run.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M-Instruct)")
-    run.add_argument("--methods", help="comma list of stock, dense, minference, flexprefill, or "
-                     "NAME='{fastctx config JSON}' (default: dense,minference,flexprefill)")
+    run.add_argument("--methods", help=f"comma list of {', '.join(METHODS)}, or NAME='{{fastctx config JSON}}' "
+                     "(default: dense,minference,flexprefill)")
     run.add_argument("--tasks", help=f"comma list of {', '.join(TASKS)} (default: all)")
     run.add_argument("--lengths", help="comma list of context lengths in tokens (default: 2048,4096,8000)")
     run.add_argument("--mode", choices=MODES, default="multi-turn")

@@ -48,6 +48,7 @@ class BlendPlan:
     block_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None
     recompute_ratio: float = 0.15
+    lead: list[int] = field(default_factory=list)  # what a chunk is prefilled after when stored (the separator)
 
 
 @dataclass
@@ -83,7 +84,8 @@ class FastctxBlendConnector(KVConnectorBase_V1):
             return 0, False
         self._pending[request.request_id] = BlendPlan(
             request.request_id, prompt[:max(end, spans[-1][1])], num_computed_tokens, end, spans,
-            cache_salt=getattr(request, "cache_salt", None), recompute_ratio=self._ratio(request))
+            cache_salt=getattr(request, "cache_salt", None), recompute_ratio=self._ratio(request),
+            lead=list(self._separator_ids()))
         return end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
@@ -129,13 +131,16 @@ class FastctxBlendConnector(KVConnectorBase_V1):
             except ChunkSpanError as exc:
                 logger.warning("request %s: %s; its chunks are not reused", request.request_id, exc)
                 return []
+        return split_on_separator(prompt, self._separator_ids(), self.params.min_chunk_tokens)
+
+    def _separator_ids(self) -> list[int]:
         if self._separator is None:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(self._model_config.tokenizer,
                                                 trust_remote_code=self._model_config.trust_remote_code)
             self._separator = tok.encode(self.params.separator, add_special_tokens=False)
-        return split_on_separator(prompt, self._separator, self.params.min_chunk_tokens)
+        return self._separator
 
     # ---- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -195,19 +200,24 @@ class _BlendWorker:
         t0 = time.perf_counter()
         p = self.c.params
         stored, hits, misses = [], 0, 0
+        lead = plan.lead
         for s, e in plan.spans:
             chunk = plan.token_ids[s:e]
-            key = chunk_key(self.fmt, chunk, plan.cache_salt)
+            # A chunk is stored as prefilled after the separator alone, as it follows one in a prompt, so
+            # that its first token is not the attention sink a sequence's first token becomes.
+            key = chunk_key(self.fmt, lead + chunk, plan.cache_salt)
             kv = self.store.get(key, len(chunk))
             if kv is None:
                 misses += 1
-                alone = blend(self.stack, torch.tensor(chunk), 0, [], 1.0, p.check_layer)
-                self.store.put(key, torch.stack([alone.keys, alone.values], 1))
+                alone = blend(self.stack, torch.tensor(lead + chunk), 0, [], 1.0, p.check_layer)
+                self.store.put(key, torch.stack([alone.keys, alone.values], 1)[:, :, len(lead):].contiguous())
                 continue
             hits += 1
             first, last = max(s, plan.start), min(e, plan.end)
-            if last > first:
-                stored.append(StoredSpan(first - plan.start, last - first, kv, skip=first - s))
+            # A chunk opening the prompt sits before its stored positions: it is computed (exactly, as
+            # nothing precedes it) rather than rotated backwards.
+            if last > first and s >= len(lead):
+                stored.append(StoredSpan(first - plan.start, last - first, kv, skip=first - s, origin=len(lead)))
         t_load = time.perf_counter()
         ids = torch.tensor(plan.token_ids[plan.start:plan.end])
         result = blend(self.stack, ids, plan.start, stored, plan.recompute_ratio, p.check_layer,
