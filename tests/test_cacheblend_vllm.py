@@ -182,6 +182,41 @@ def test_a_replica_shares_the_chunks_through_redis_and_another_dtype_never_hits(
         close(bf16)
 
 
+def test_ray_replicas_of_the_eval_harness_share_chunks_through_redis(vllm_available, model_dir, redis_server,
+                                                                     tmp_path):
+    import ray
+    from transformers import AutoTokenizer
+
+    from fastctx.eval.prompts import prompt_ids
+    from fastctx.eval.runner import Item, Replica, RunSpec, core_ranges
+    from fastctx.eval.tasks import generate_session
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    session = generate_session("multidoc_qa", tok, 1500, 2, seed=5)
+    spec = RunSpec(model=model_dir, methods={"cacheblend": {"kv_transfer": connector(redis_server[0])}},
+                   tasks=["multidoc_qa"], lengths=[1500], mode="rag", kv_space_gib=1, context_limit=2048)
+    items = [Item(f"rag|{t}", "request", {"task": "multidoc_qa", "length": 1500, "session": session.id,
+                                          "mode": "rag", "turn": t}, prompt_ids(tok, session, t, "rag"), 8,
+                  session.turns[t]["answer"]) for t in range(2)]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actors = [ray.remote(num_cpus=1)(Replica).remote(spec, "cacheblend", str(tmp_path), i, cores)
+              for i, cores in enumerate(core_ranges(2))]
+    try:
+        # The first replica meets every chunk; the second, another process, gets the next query.
+        first = ray.get(actors[0].run_unit.remote([items[0]], set()))
+        second = ray.get(actors[1].run_unit.remote([items[1]], set()))
+    finally:
+        ray.get([a.close.remote() for a in actors])
+        for a in actors:
+            ray.kill(a)
+        ray.shutdown()
+    a, b = ([r for r, _ in got if r["kind"] == "request"][0] for got in (first, second))
+    chunks = len(session.chunks)
+    assert a["replica"] == 0 and a["blend"]["chunks_missed"] == chunks and a["blend"]["chunks_hit"] == 0
+    assert b["replica"] == 1 and b["blend"]["chunks_hit"] == chunks and b["blend"]["chunks_missed"] == 0
+    assert b["blend"]["tokens_reused"] > 0
+
+
 def test_requests_succeed_when_redis_stops(blend_llm, stock_llm, redis_server, parts):
     _, _, proc = redis_server
     proc.kill()
