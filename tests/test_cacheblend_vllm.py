@@ -166,11 +166,10 @@ def test_a_replica_shares_the_chunks_through_redis_and_another_dtype_never_hits(
     ids = prompt(parts, [3, 2, 1, 0])  # every chunk stored by the first engine
     replica = blend_engine(model_dir, port)
     try:
-        assert replica.collective_rpc("fastctx_blend_format")[0] == {}  # has blended nothing yet
+        assert replica.collective_rpc("fastctx_blend_format")[0] == fmt  # the same keys: same weights, dtype
         run(replica, [ids], ratio=0.15)
         s = stats(replica)
         assert s["chunks_hit"] == 5 and s["chunks_missed"] == 0
-        assert replica.collective_rpc("fastctx_blend_format")[0] == fmt
     finally:
         close(replica)
     bf16 = blend_engine(model_dir, port, dtype="bfloat16")
@@ -230,3 +229,6 @@ def test_requests_succeed_when_redis_stops(blend_llm, stock_llm, redis_server, p
 def test_bad_settings_stop_the_engine_with_the_reason(vllm_available, model_dir, redis_server):
     with pytest.raises(Exception, match=r"recompute_ratio=2.*\[0, 1\]"):
         blend_engine(model_dir, redis_server[0], connector_extra={"recompute_ratio": 2})
+    # Known only once the model is loaded: the engine fails to start (the reason is in its log).
+    with pytest.raises(Exception, match="initialization failed"):
+        blend_engine(model_dir, redis_server[0], connector_extra={"check_layer": 30})

@@ -66,7 +66,7 @@ class FastctxBlendConnector(KVConnectorBase_V1):
         self._pending: dict[str, BlendPlan] = {}  # claimed, blocks not yet allocated
         self._ready: dict[str, BlendPlan] = {}  # blocks allocated, goes out with the next step
         self._kv_caches: dict[str, torch.Tensor] = {}
-        self._worker = None  # built on first load: needs the loaded model
+        self._worker = None  # built with the KV caches, once the model is loaded
         self.stats = BlendStats()
 
     # ---- scheduler side
@@ -145,6 +145,7 @@ class FastctxBlendConnector(KVConnectorBase_V1):
     # ---- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._kv_caches = kv_caches
+        self._blend_worker()  # the model is loaded by now: a model or knob it cannot serve stops the start
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()

@@ -52,7 +52,7 @@ class FastctxWorkerExtension:
 
     def fastctx_blend_format(self) -> dict:
         """What this worker's chunk keys cover (weights fingerprint, dtype, layers, KV heads, head_dim), as
-        a process sharing its store needs them; ``{}`` before the first blend or without the connector."""
+        a process sharing its store needs them; ``{}`` without the connector."""
         from dataclasses import asdict
 
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
