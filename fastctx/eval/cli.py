@@ -170,7 +170,10 @@ def write_config(out: Path, spec, partial: bool) -> None:
 def _stop_on_signals() -> None:
     """Ctrl-C and SIGTERM both end the run cleanly (servers stopped, partial report), also
     when the shell started us with SIGINT ignored, as it does for background jobs."""
+    from fastctx.eval.runner import STOP
+
     def interrupt(signum, frame):
+        STOP.set()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGINT, interrupt)
@@ -210,6 +213,9 @@ def cmd_run(args) -> int:
             interrupted = True
         except ServerError as exc:
             failure = exc
+    from fastctx.eval.runner import STOP
+
+    interrupted = interrupted or STOP.is_set()
     done = sum(key in store.done for key in keys)
     write_config(out, spec, partial=done < total)
     report = write_report(out)

@@ -10,6 +10,7 @@ is free (a session stays on one replica, so its turns share the prefix cache).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,14 @@ from fastctx.eval.texts import prompt_token_ids
 
 TOP_K = 20  # prompt logprobs per position kept for the fidelity comparison
 RESTARTS_PER_ITEM = 2
+# Set by the CLI's signal handler. Its KeyboardInterrupt can land inside a finalizer (an HTTP
+# connection pool closing), where Python ignores it; the loops check this between items too.
+STOP = threading.Event()
+
+
+def stop_requested() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
 
 
 @dataclass
@@ -161,6 +170,7 @@ class Replica:
     def run_unit(self, unit: list[Item], done: set[str]) -> list[tuple[dict, bool]]:
         self.collected = []
         for item in unit:
+            stop_requested()
             if item.key in done:
                 continue
             for attempt in range(RESTARTS_PER_ITEM + 1):
@@ -265,6 +275,7 @@ def _run_ray(spec: RunSpec, method: str, store: ResultStore, todo: list[list[Ite
     pending, queue = {}, list(todo)
     try:
         while queue or pending:
+            stop_requested()
             for actor in actors:
                 if queue and actor not in pending.values():
                     pending[actor.run_unit.remote(queue.pop(0), set(store.done))] = actor
