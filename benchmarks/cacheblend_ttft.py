@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import sys
 import time
 
 from fastctx.eval.agreement import compare
@@ -160,9 +162,16 @@ def main(argv=None) -> dict:
         "agree_positions": positions,
         "blend": stats, "threads_bind": threads, "dtype": args.dtype, **machine(),
     }
-    print(json.dumps(result))
+    for llm in engines.values():  # explicitly: left to interpreter exit, teardown races abort the process
+        llm.llm_engine.engine_core.shutdown()
+    print(json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
     main()
+    # Interpreter teardown with three engines' client threads alive aborts now and then ("terminate
+    # called without an active exception", exit 134) after everything is printed: end here instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
