@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import fields
 
 import requests
+
+from fastctx.cacheblend.stats import RequestBlend
 
 
 class ServerError(RuntimeError):
@@ -124,7 +127,7 @@ def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
     return out
 
 
-BLEND_COUNTS = ("chunks_hit", "chunks_missed", "tokens_reused", "tokens_recomputed", "load_s", "blend_s")
+BLEND_COUNTS = tuple(f.name for f in fields(RequestBlend))
 
 
 def fastctx_blend_stats(base_url: str, timeout: float = 30) -> dict | None:

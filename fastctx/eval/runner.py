@@ -194,11 +194,13 @@ class Replica:
     def _run_item(self, item: Item) -> None:
         timeout = self.spec.request_timeout
         if item.kind == "request":
+            blends = uses_connector(self.spec.methods.get(self.method))
             fastctx_density(self.url)  # start the counts at this request
-            fastctx_blend_stats(self.url)
+            if blends:
+                fastctx_blend_stats(self.url)
             out = complete(self.url, self.spec.model, item.prompt, item.max_tokens, timeout)
             density = fastctx_density(self.url)
-            blend = fastctx_blend_stats(self.url)
+            blend = fastctx_blend_stats(self.url) if blends else None
             score = TASKS[item.meta["task"]].score(out["text"], item.answer)
             self.emit({"kind": "request", "key": item.key, **item.meta, "replica": self.index, **out,
                        "answer": item.answer, "score": score, "density": density, "blend": blend,

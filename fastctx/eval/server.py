@@ -60,12 +60,17 @@ def parse_methods(specs: list[str]) -> dict[str, dict | None]:
     return methods
 
 
+def _fastctx_part(section: dict) -> dict:
+    """The method's ``fastctx`` config section, without its KV connector."""
+    return {k: v for k, v in section.items() if k != KV_TRANSFER}
+
+
 def check_method(section: dict) -> None:
-    fastctx = {k: v for k, v in section.items() if k != KV_TRANSFER}
+    fastctx = _fastctx_part(section)
     if fastctx:
         FastctxConfig.from_section(fastctx)
     kv = section.get(KV_TRANSFER)
-    if kv is not None and (kv or {}).get("kv_connector") == "FastctxBlendConnector":
+    if kv is not None and kv.get("kv_connector") == "FastctxBlendConnector":
         from fastctx.cacheblend.params import BlendParams
 
         BlendParams.from_dict(kv.get("kv_connector_extra_config"))
@@ -79,7 +84,7 @@ def method_flags(section: dict | None) -> list[str]:
     if section is None:
         return []
     flags = []
-    fastctx = {k: v for k, v in section.items() if k != KV_TRANSFER}
+    fastctx = _fastctx_part(section)
     if fastctx:
         flags += ["--attention-backend", "CUSTOM", "--additional-config", json.dumps({"fastctx": fastctx})]
     if KV_TRANSFER in section:

@@ -87,7 +87,7 @@ class VllmDecoderStack(DecoderStack):
 
     def rotate_keys(self, layer: int, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         rope = self._layers[layer].self_attn.rotary_emb
-        _, moved = rope.forward_native(shift, keys.clone(), keys)
+        moved, _ = rope.forward_native(shift, keys)  # out of place; the keys go in as the "query"
         # Some RoPE variants (YaRN) scale cos/sin by an mscale; one rotation already carries it.
         m = float(rope.cos_sin_cache[0, 0])
         return moved if abs(m - 1.0) < 1e-6 else moved / m

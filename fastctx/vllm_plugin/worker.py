@@ -29,6 +29,13 @@ def loaded_model():
     return _loaded_model
 
 
+def _kv_connector():
+    """This worker's KV connector, or None."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
 class FastctxWorkerExtension:
     def fastctx_density(self, reset: bool | str = False) -> list[dict]:
         """Achieved attention density per phase fastctx handled in this worker; ``reset`` (True, or
@@ -44,10 +51,7 @@ class FastctxWorkerExtension:
     def fastctx_blend_stats(self, reset: bool | str = False) -> dict:
         """CacheBlend's counts in this worker (chunks hit/missed, tokens reused/recomputed, seconds);
         ``{}`` without fastctx's connector."""
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        connector = get_kv_transfer_group() if has_kv_transfer_group() else None
-        stats = getattr(connector, "stats", None)
+        stats = getattr(_kv_connector(), "stats", None)
         return stats.summary(reset=reset in (True, "reset")) if stats is not None else {}
 
     def fastctx_blend_format(self) -> dict:
@@ -55,9 +59,7 @@ class FastctxWorkerExtension:
         a process sharing its store needs them; ``{}`` without the connector."""
         from dataclasses import asdict
 
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        worker = getattr(get_kv_transfer_group() if has_kv_transfer_group() else None, "_worker", None)
+        worker = getattr(_kv_connector(), "_worker", None)
         return asdict(worker.fmt) if worker is not None else {}
 
 
