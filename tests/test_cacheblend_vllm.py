@@ -1,8 +1,8 @@
 """CacheBlend in a real vLLM engine: exactness at ratio 1, reuse at ratio 0, salts, dtypes, Redis.
 
 One fp32 engine with fastctx's connector (prefix caching on, Redis as the
-shared tier), stock vLLM as the reference, then a second fp32 replica and a
-bf16 engine on the same Redis. Engines with the connector run in their own
+shared tier), stock vLLM as the reference, then a second fp32 replica, a bf16
+engine and an engine of a fine-tuned copy of the model on the same Redis. Engines with the connector run in their own
 processes (vLLM keeps one KV connector per process, which would leak into the
 in-process engines of other tests). Prompts are built from token ids (documents
 joined by the separator's ids), so a document's tokens are the same wherever it
@@ -179,6 +179,35 @@ def test_a_replica_shares_the_chunks_through_redis_and_another_dtype_never_hits(
         assert s["chunks_hit"] == 0 and s["chunks_missed"] == 5
     finally:
         close(bf16)
+
+
+def fine_tuned_copy(model_dir, dest):
+    """The model with one tensor nudged, as a fine-tune would: same config, tokenizer and shapes."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir()
+    for name in os.listdir(model_dir):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(model_dir, name), dest / name)
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return str(dest)
+
+
+def test_another_model_with_the_same_shapes_never_hits(blend_llm, model_dir, redis_server, parts, tmp_path):
+    ids = prompt(parts, [2, 0, 3])  # every chunk stored by the first engine
+    run(blend_llm, [ids])
+    stats(blend_llm)
+    other = blend_engine(fine_tuned_copy(model_dir, tmp_path / "tuned"), redis_server[0])
+    try:
+        assert other.collective_rpc("fastctx_blend_format")[0]["fingerprint"] != \
+            blend_llm.collective_rpc("fastctx_blend_format")[0]["fingerprint"]
+        run(other, [ids])
+        s = stats(other)
+        assert s["chunks_hit"] == 0 and s["chunks_missed"] == 4
+    finally:
+        close(other)
 
 
 def test_ray_replicas_of_the_eval_harness_share_chunks_through_redis(vllm_available, model_dir, redis_server,

@@ -14,6 +14,7 @@ Real SCBench JSONL files (``scbench_<task>.jsonl``) load with
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import re
@@ -45,7 +46,7 @@ class Task:
     follow_up: str  # later user messages in multi-turn mode; {input}
     max_new_tokens: int  # SCBench's generation limit
     score: Callable[[str, object], float]
-    generate: Callable | None = None  # (rng, units, n_queries) -> (context, turns, chunks)
+    generate: Callable | None = None  # (rng, units, n_queries[, length]) -> (context, turns, chunks)
     units: tuple[int, int] = (1, 1)  # (minimum, first guess) for sizing
 
 
@@ -164,7 +165,14 @@ def gen_passkey(rng, units, n_queries):
 SYLLABLES = ("ka", "lo", "mi", "ra", "ne", "tu", "so", "vi", "da", "pe", "zo", "ri")
 
 
-def gen_multidoc_qa(rng, units, n_queries, doc_chars=900):
+DOC_CHARS, DOC_TOKENS = 1900, 540  # ~512-token documents, as in CacheBlend's setting (tokens: with headers)
+
+
+def gen_multidoc_qa(rng, units, n_queries, length=None):
+    # Shorter documents only where the context could not hold one ~512-token document per query.
+    doc_chars = DOC_CHARS
+    if length is not None and length < DOC_TOKENS * n_queries + 100:
+        doc_chars = max(200, DOC_CHARS * (length - 100) // (DOC_TOKENS * n_queries))
     source = natural_text()
     names = set()
     while len(names) < units:
@@ -216,7 +224,8 @@ def generate_session(task: str, tokenizer, length: int, n_queries: int, seed: in
 
     def build(units):
         rng = random.Random(f"{seed}:{task}:{length}:{index}")
-        return spec.generate(rng, units, n_queries)
+        sized = "length" in inspect.signature(spec.generate).parameters
+        return spec.generate(rng, units, n_queries, **({"length": length} if sized else {}))
 
     def fits(units):
         return _count(tokenizer, build(units)[0]) <= length

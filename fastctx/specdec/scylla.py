@@ -1,0 +1,141 @@
+"""Scylla's speculation policy: the number of draft tokens (and chains) from acceptance laws fitted
+online, chosen per step to maximise expected tokens per second.
+
+Scylla (Yan et al. 2025) finds draft acceptance log-linear in draft capacity, pretraining tokens and
+batch size. For one deployed draft the free variables are the chain count k, the batch size b and
+the depth t, so the law fitted here is
+
+    P(token at depth t accepted | depth t - 1 accepted) = clip(th0 + th1 ln k + th2 ln b + th3 ln t)
+
+by ridge least squares over exponentially forgotten observations. A step's time is the running
+mean of the steps seen with the same (depth, chains, batch), and for a combination not seen yet the
+linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 * draft_tokens)``. A step with depth g
+and k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation;
+the policy picks the (g, k) with most tokens per second. Depth 0 (no speculation) is an arm too:
+where drafting costs more than it saves, the policy stops speculating. Every arm is tried once per
+batch size, then another arm is tried with probability ``explore`` so the laws keep seeing the
+choices they rank.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class OnlineLeastSquares:
+    """Ridge regression over observations weighted by ``decay ** age``."""
+
+    def __init__(self, prior: list[float], decay: float, ridge: float = 1.0):
+        n = len(prior)
+        self.decay = decay
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self.ridge = ridge
+        self.xtx = np.zeros((n, n))
+        self.xty = np.zeros(n)
+        self.seen = 0
+
+    def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
+        self.xtx *= self.decay
+        self.xty *= self.decay
+        self.xtx += rows.T @ rows
+        self.xty += rows.T @ targets
+        self.seen += len(targets)
+
+    def coef(self) -> np.ndarray:
+        # Shrunk toward the prior, so a law seen on few arms stays near it off those arms.
+        a = self.xtx + self.ridge * np.eye(len(self.prior))
+        return np.linalg.solve(a, self.xty + self.ridge * self.prior)
+
+
+def _law_row(k: int, batch: int, depth: int) -> list[float]:
+    return [1.0, math.log(k), math.log(batch), math.log(depth)]
+
+
+@dataclass
+class ScyllaPolicy:
+    depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    chains: tuple[int, ...] = (1,)
+    explore: float = 0.1
+    decay: float = 0.995
+    prior_acceptance: float = 0.6
+    seed: int = 0
+    acceptance: OnlineLeastSquares = field(init=False)
+    cost: OnlineLeastSquares = field(init=False)
+    _rng: random.Random = field(init=False)
+
+    def __post_init__(self):
+        if not self.depths or min(self.depths) < 0:
+            raise ValueError(f"scylla depths={self.depths!r}: give speculation lengths >= 0 (0: no speculation)")
+        if not self.chains or min(self.chains) < 1:
+            raise ValueError(f"scylla chains={self.chains!r}: give chain counts >= 1")
+        if not 0 <= self.explore < 1:
+            raise ValueError(f"scylla explore={self.explore}: must be in [0, 1)")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"scylla decay={self.decay}: must be in (0, 1]")
+        self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0], self.decay)
+        self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
+        self._rng = random.Random(self.seed)
+        self._steps: dict[tuple[int, int, int], list[float]] = {}  # (depth, k, batch) -> [weight, seconds]
+
+    def accept_rate(self, k: int, batch: int, depth: int) -> float:
+        return float(np.clip(np.dot(self.acceptance.coef(), _law_row(k, batch, depth)), 0.01, 0.99))
+
+    def expected_tokens(self, depth: int, k: int, batch: int) -> float:
+        total, alive = 1.0, 1.0
+        for t in range(1, depth + 1):
+            alive *= self.accept_rate(k, batch, t)
+            total += alive
+        return total
+
+    def expected_seconds(self, depth: int, k: int, batch: int) -> float | None:
+        seen = self._steps.get((depth, k, batch))
+        if seen is not None:
+            return seen[1] / seen[0]
+        if self.cost.seen < 8:
+            return None
+        return float(np.dot(self.cost.coef(), self._cost_row(depth, k, batch)))
+
+    @staticmethod
+    def _cost_row(depth: int, k: int, batch: int) -> list[float]:
+        return [1.0, batch * (k * depth + 1), depth, depth * batch * k]
+
+    def choose(self, batch: int) -> tuple[int, int]:
+        """(speculation depth, chain count) for the next step of ``batch`` requests."""
+        arms = [(g, k) for g in self.depths for k in (self.chains if g else (1,))]
+        untried = [a for a in arms if (a[0], a[1], batch) not in self._steps]
+        if untried:
+            return untried[0]
+        if self._rng.random() < self.explore:
+            return self._rng.choice(arms)
+
+        def rate(arm):
+            seconds = self.expected_seconds(arm[0], arm[1], batch)
+            return self.expected_tokens(arm[0], arm[1], batch) * batch / max(seconds, 1e-9)
+
+        return max(arms, key=rate)
+
+    def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
+        """One step: how many draft tokens each request accepted, and the step's wall time."""
+        rows, ys = [], []
+        for a in accepted:
+            for t in range(1, min(a + 1, depth) + 1):
+                rows.append(_law_row(k, batch, t))
+                ys.append(1.0 if t <= a else 0.0)
+        if rows:
+            self.acceptance.add(np.array(rows), np.array(ys))
+        self.cost.add(np.array([self._cost_row(depth, k, batch)]), np.array([seconds]))
+        seen = self._steps.setdefault((depth, k, batch), [0.0, 0.0])
+        seen[0] = seen[0] * self.decay + 1
+        seen[1] = seen[1] * self.decay + seconds
+
+    def law(self) -> dict:
+        th = self.acceptance.coef()
+        c = self.cost.coef()
+        return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3]},
+                "step_seconds": {"fixed": c[0], "per_target_token": c[1], "per_draft_step": c[2],
+                                 "per_draft_token": c[3]},
+                "observations": self.acceptance.seen}

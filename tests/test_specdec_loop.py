@@ -1,0 +1,130 @@
+"""The engine-free speculative loop on the real model, its draft sources and Scylla's policy."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from fastctx.specdec.hf_loop import ModelDraft, NgramDraft, Stats, generate, layer_skip_draft
+from fastctx.specdec.scylla import ScyllaPolicy
+
+
+@pytest.fixture(scope="module")
+def target(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt(model_dir):
+    from transformers import AutoTokenizer
+
+    from fastctx.eval.texts import natural_text, token_ids
+
+    return token_ids(AutoTokenizer.from_pretrained(model_dir), natural_text())[:400]
+
+
+def test_at_temperature_zero_every_draft_source_gives_the_tokens_of_no_speculation(target, prompt):
+    plain, _ = generate(target, None, prompt, 20, 0.0, seed=0)
+    skip = layer_skip_draft(target, 6)
+    sources = {"stream": lambda: ModelDraft(target, sink=4, window=32),
+               "ngram": lambda: NgramDraft(target.config.vocab_size), "layers": lambda: ModelDraft(skip)}
+    for name, draft in sources.items():
+        for depth, k in ((3, 1), (2, 3)):
+            out, _ = generate(target, draft(), prompt, 20, 0.0, seed=0, depth=depth, k=k)
+            assert out == plain, (name, depth, k)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_target_as_its_own_draft_has_every_token_accepted(target, prompt, temperature):
+    """Draft = target with full KV: p = q, so every step accepts all drafts; any KV bookkeeping
+    slip (a dropped or doubled position in either cache) would show as a rejection."""
+    stats = Stats()
+    generate(target, ModelDraft(target), prompt, 24, temperature, seed=1, depth=3, k=2, stats=stats)
+    assert stats.accept_len == 4.0
+
+
+def test_a_streaming_draft_accepts_less_than_the_full_one_but_more_than_nothing(target, prompt):
+    stats = Stats()
+    generate(target, ModelDraft(target, sink=4, window=16), prompt, 24, 1.0, seed=2, depth=3, stats=stats)
+    assert 1.0 < stats.accept_len < 4.0
+
+
+def test_bad_draft_settings_say_what_to_change(target):
+    with pytest.raises(ValueError, match=r"draft layers=30: must be in \[1, 29\]"):
+        layer_skip_draft(target, 30)
+    with pytest.raises(ValueError, match="window >= 1"):
+        ModelDraft(target, window=0)
+    with pytest.raises(ValueError, match="k >= 1 chains"):
+        generate(target, NgramDraft(10), [1, 2], 4, 1.0, seed=0, depth=2, k=0)
+    with pytest.raises(ValueError, match="needs a draft source"):
+        generate(target, None, [1, 2], 4, 1.0, seed=0, depth=2)
+
+
+# ---- no model needed --------------------------------------------------------------------------
+
+def test_the_ngram_draft_follows_what_came_after_the_longest_match():
+    d = NgramDraft(vocab=10, min_n=1, max_n=3)
+    d._index([1, 2, 3, 1, 2, 4, 5, 1, 2])
+    p = d.dist([5, 1, 2])  # "5 1 2" never occurred; "1 2" came before 3 and 4
+    assert torch.allclose(p[[3, 4]], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert torch.allclose(d.dist([2, 4])[5], torch.tensor(1.0, dtype=torch.float64))
+    unseen = d.dist([9, 9])  # nothing matches: the context's token frequencies
+    assert unseen[1] == pytest.approx(3 / 9) and unseen[9] == 0
+
+
+def simulate(policy: ScyllaPolicy, steps: int, batch: int, rng: random.Random, draft_s: float = 0.002):
+    """A draft whose conditional acceptance is 0.9 - 0.1 ln(batch) per depth, on a machine where a
+    step costs 10 ms + 1 ms per target token + ``draft_s`` per draft step."""
+    rate = 0.9 - 0.1 * math.log(batch)
+    for _ in range(steps):
+        depth, k = policy.choose(batch)
+        accepted = []
+        for _ in range(batch):
+            a = 0
+            while a < depth and rng.random() < rate:
+                a += 1
+            accepted.append(a)
+        policy.observe(depth, k, batch, accepted, 0.010 + 0.001 * batch * (depth + 1) + draft_s * depth)
+
+
+def best_arm(batch: int, depths) -> int:
+    rate = 0.9 - 0.1 * math.log(batch)
+
+    def tps(g):
+        return batch * (1 - rate ** (g + 1)) / (1 - rate) / (0.010 + 0.001 * batch * (g + 1) + 0.002 * g)
+
+    return max(depths, key=tps)
+
+
+def test_scylla_fits_the_acceptance_law_and_picks_the_best_length_per_batch_size():
+    depths = (1, 2, 3, 4, 6, 8)
+    policy = ScyllaPolicy(depths=depths, chains=(1,), explore=0.2, decay=1.0, seed=0)
+    rng = random.Random(0)
+    for batch in (1, 8, 1, 8):
+        simulate(policy, 300, batch, rng)
+    assert policy.law()["acceptance"]["ln_batch"] == pytest.approx(-0.1, abs=0.03)
+    for batch in (1, 8):
+        assert policy.accept_rate(1, batch, 2) == pytest.approx(0.9 - 0.1 * math.log(batch), abs=0.05)
+    policy.explore = 0.0
+    for batch in (1, 8):
+        assert policy.choose(batch)[0] == best_arm(batch, depths)
+    assert best_arm(1, depths) > best_arm(8, depths)  # the law makes the choice move with load
+
+
+def test_scylla_stops_speculating_where_drafting_costs_more_than_it_saves():
+    policy = ScyllaPolicy(depths=(0, 1, 2, 4), explore=0.1, seed=1)
+    simulate(policy, 200, 1, random.Random(1), draft_s=0.05)
+    policy.explore = 0.0
+    assert policy.choose(1) == (0, 1)
+
+
+def test_scylla_settings_are_validated():
+    with pytest.raises(ValueError, match="speculation lengths >= 0"):
+        ScyllaPolicy(depths=(-1, 2))
+    with pytest.raises(ValueError, match=r"explore=1.5: must be in \[0, 1\)"):
+        ScyllaPolicy(explore=1.5)
