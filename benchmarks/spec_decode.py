@@ -1,15 +1,28 @@
 """Speculative decoding: no speculation, speculative sampling (one chain), SpecTr (k chains) and
 Scylla's adaptive policy, with the same draft source, the same prompts and seeds, in one run.
 
-The loop is fastctx's engine-free one (``fastctx.specdec.hf_loop``: transformers model, one
-request at a time, batch size 1); no engine hosts SpecTr yet. Methods take turns per prompt so
-drifting machine load hits all alike. ``accept_len`` is tokens per target forward (accepted
-drafts plus the target's own token); tokens/s counts decode only (after the prompt's prefill).
-The last line printed is one JSON object.
+``--engine vllm`` (default): stock vLLM without speculation; vLLM's own n-gram speculation (its
+deterministic prompt lookup and verification: the yardstick a user has today); and fastctx's
+SpecTr proposer, whose n-gram draft distribution serves speculative sampling (1 chain), SpecTr
+(2 and 4 chains) and fixed lengths as per-request arms of one engine, plus a Scylla engine.
+Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
+request a different passage; the prompts are prefilled once before timing (prefix cache), so the
+timed runs are decode. ``accept_len`` is tokens per verification: accepted drafts plus the
+residual or bonus token (fastctx's counts; vLLM's metrics for its n-gram). fastctx's SpecTr step
+verifies in its own pass and vLLM then adds one token more, so its tokens per engine step are
+``accept_len + 1`` for two target passes.
 
-    python benchmarks/spec_decode.py --quick                      # stream draft, 3 prompts x 48 tokens
-    python benchmarks/spec_decode.py --draft ngram --prompts 4 --new-tokens 96
-    python benchmarks/spec_decode.py --draft layers:24 --temperature 1.0
+``--engine hf``: fastctx's engine-free loop (``fastctx.specdec.hf_loop``: transformers model, one
+request at a time) with a model draft (``stream``, ``layers:N``, ``model:DIR``) or ``ngram``, on
+natural-text prompts.
+
+Methods take turns per batch size (vllm) or prompt (hf) so drifting load hits all alike. The last
+line printed is one JSON object.
+
+    python benchmarks/spec_decode.py --quick                      # vLLM, batch 1 and 4, 64 tokens
+    python benchmarks/spec_decode.py --batches 1,2,4,8 --new-tokens 128
+    python benchmarks/spec_decode.py --engine hf --quick           # stream draft, 3 prompts x 48 tokens
+    python benchmarks/spec_decode.py --engine hf --draft ngram --prompts 4 --new-tokens 96
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -48,9 +62,12 @@ def make_draft(spec: str, target, args):
     raise SystemExit(f"--draft {spec!r}: use stream, ngram, layers:N or model:DIR")
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 prompts of 1024 tokens, 48 new tokens")
+    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    ap.add_argument("--quick", action="store_true",
+                    help="vllm: batches 1,4, 64 new tokens; hf: 3 prompts of 1024 tokens, 48 new tokens")
+    ap.add_argument("--batches", default="1,4", help="vllm: batch sizes, each a batch of different prompts")
     ap.add_argument("--model", default=None, help="target (default: fastctx's default model)")
     ap.add_argument("--draft", default="stream", help="stream | ngram | layers:N | model:DIR")
     ap.add_argument("--sink", type=int, default=4, help="stream draft: first tokens kept")
@@ -65,9 +82,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    if args.quick:
+    if args.quick and args.engine == "hf":
         args.prompts, args.context, args.new_tokens = 3, 1024, 48
+    elif args.quick:
+        args.batches, args.context, args.new_tokens = "1,4", 512, 64
+    return args
 
+
+def run_hf(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastctx.default_model import require_default_model
@@ -104,8 +126,8 @@ def main() -> None:
     for name, s in stats.items():
         print(f"{name:12s} {s.accept_len:10.2f} {s.tokens_per_s:8.2f} {s.tokens_per_s / tps['nospec']:9.3f}")
     print(f"scylla arms used (depth, chains): {dict(sorted(stats['scylla'].arms.items()))}")
-    result = {
-        "draft": args.draft, "temperature": args.temperature, "batch_size": 1, "depth": args.depth,
+    return {
+        "engine": "hf", "draft": args.draft, "temperature": args.temperature, "batch_size": 1, "depth": args.depth,
         "prompts": args.prompts, "context": args.context, "new_tokens": args.new_tokens, "dtype": args.dtype,
         "threads": args.threads, "machine": machine(),
         "accept_len_sd": stats[sd].accept_len,
@@ -122,7 +144,138 @@ def main() -> None:
         # vLLM's per-batch-size table needs SpecTr in the engine; this loop has batch size 1 only.
         "tokens_per_s_ratio_scylla_vs_vllm_table": None,
     }
+
+
+SPECTR = "fastctx.vllm_plugin.spectr.SpecTrProposer"
+
+
+def copy_prompts(tok, count: int, context: int) -> list[list[int]]:
+    """A passage, then an instruction to repeat it and the repeat's first 64 tokens: n-gram drafts' case."""
+    text = token_ids(tok, natural_text())
+    again = token_ids(tok, "\n\nThe same text again:\n\n")
+    if len(text) < count * context:
+        raise SystemExit(f"{count} prompts of {context} tokens need {count * context} tokens of text")
+    return [p + again + p[:64] for p in (text[i * context:(i + 1) * context] for i in range(count))]
+
+
+def spec_metrics(llm) -> tuple[int, int]:
+    """vLLM's cumulative (drafts, accepted draft tokens)."""
+    got = {m.name: m for m in llm.get_metrics()}
+
+    def value(name):
+        m = got.get(name)
+        return int(getattr(m, "value", 0) or 0) if m is not None else 0
+
+    return value("vllm:spec_decode_num_drafts"), value("vllm:spec_decode_num_accepted_tokens")
+
+
+def run_vllm(args) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from fastctx.default_model import require_default_model
+
+    from engines import set_engine_env  # noqa: E402
+
+    bind = set_engine_env(None)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    model_dir = args.model or str(require_default_model())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batches = [int(x) for x in args.batches.split(",")]
+    depths = sorted({int(x) for x in args.fixed_depths.split(",")} | {args.depth})
+    prompts = copy_prompts(tok, max(batches), args.context)
+    base = dict(model=model_dir, dtype=args.dtype, enforce_eager=True, max_model_len=args.context + 512, seed=0,
+                disable_log_stats=False,
+                worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
+    spectr = {"method": "custom_class", "model": SPECTR, "num_speculative_tokens": max(depths) + 1}
+    engines = {
+        "stock": LLM(**base),
+        "vllm_ngram": LLM(**base, speculative_config={"method": "ngram", "num_speculative_tokens": args.depth,
+                                                      "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
+        "fastctx": LLM(**base, speculative_config=spectr, additional_config={"fastctx_spectr": {"chains": 4}}),
+        "scylla": LLM(**base, speculative_config=spectr,
+                      additional_config={"fastctx_spectr": {"chains": 4, "scylla": True}}),
+    }
+    # (engine, per-request arm): one fastctx engine serves every fixed arm, so they share everything else.
+    runs = {"nospec": ("stock", None), "vllm_ngram": ("vllm_ngram", None)}
+    runs.update({f"fixed_d{d}": ("fastctx", {"depth": d, "chains": 1}) for d in depths})
+    runs.update({f"spectr_k{k}": ("fastctx", {"depth": args.depth, "chains": k}) for k in (2, 4)})
+    runs["scylla"] = ("scylla", None)
+    sd = f"fixed_d{args.depth}"
+
+    def sampling(arm, n):
+        extra = {"spectr": arm} if arm else None
+        return SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True, extra_args=extra)
+
+    for llm in engines.values():  # prefill every prompt once (prefix cache) and warm up
+        llm.generate([{"prompt_token_ids": p} for p in prompts], sampling(None, 2), use_tqdm=False)
+    results: dict[str, dict] = {name: {} for name in runs}
+    for b in batches:
+        batch = [{"prompt_token_ids": p} for p in prompts[:b]]
+        for name, (engine, arm) in runs.items():
+            llm = engines[engine]
+            if engine in ("fastctx", "scylla"):
+                llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
+            before = spec_metrics(llm)
+            t0 = time.perf_counter()
+            outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if engine in ("fastctx", "scylla"):
+                st = llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
+                accept = st["tokens_per_verification"] or 1.0
+            elif engine == "vllm_ngram":
+                drafts, accepted = (a - c for a, c in zip(spec_metrics(llm), before))
+                st, accept = {}, 1 + accepted / drafts if drafts else 1.0
+            else:
+                st, accept = {}, 1.0
+            results[name][b] = {"tokens_per_s": tokens / seconds, "accept_len": accept,
+                                **({"tokens_per_engine_step": st["tokens_per_step"]} if st else {}),
+                                **({"arms": st["arms"]} if name == "scylla" else {})}
+            print(f"batch {b}: {name:11s} accept_len {accept:5.2f} tok/s {tokens / seconds:7.2f}", flush=True)
+    law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
+
+    def tps(name, b):
+        return results[name][b]["tokens_per_s"]
+
+    fixed = [n for n in runs if n.startswith(("fixed_", "spectr_"))]
+    best = {b: max(fixed, key=lambda n: tps(n, b)) for b in batches}
+    b1 = batches[0]
+    head = " ".join(f"{'b' + str(b) + ' acc':>8s} {'tok/s':>7s} {'x nospec':>8s}" for b in batches)
+    print(f"\n{'method':12s} {head}")
+    for name in runs:
+        print(f"{name:12s} " + " ".join(f"{results[name][b]['accept_len']:8.2f} {tps(name, b):7.2f} "
+                                        f"{tps(name, b) / tps('nospec', b):8.3f}" for b in batches))
+    return {
+        "engine": "vllm", "draft": "ngram (fastctx: distribution over earlier matches; vllm_ngram: vLLM's)",
+        "temperature": args.temperature, "depth": args.depth, "batches": batches, "context": args.context,
+        "new_tokens": args.new_tokens, "dtype": args.dtype, "threads_bind": bind, "machine": machine(),
+        "accept_len_sd": results[sd][b1]["accept_len"],
+        "accept_len_spectr_k2": results["spectr_k2"][b1]["accept_len"],
+        "accept_len_spectr_k4": results["spectr_k4"][b1]["accept_len"],
+        "accept_len_ratio_spectr_k4_vs_sd": results["spectr_k4"][b1]["accept_len"] / results[sd][b1]["accept_len"],
+        "accept_len_vllm_ngram": results["vllm_ngram"][b1]["accept_len"],
+        "tokens_per_s_nospec": tps("nospec", b1),
+        "tokens_per_s_ratio_sd_vs_nospec": tps(sd, b1) / tps("nospec", b1),
+        "tokens_per_s_ratio_spectr_k4_vs_nospec": tps("spectr_k4", b1) / tps("nospec", b1),
+        "tokens_per_s_ratio_vllm_ngram_vs_nospec": tps("vllm_ngram", b1) / tps("nospec", b1),
+        "best_fixed": best[b1],
+        "tokens_per_s_ratio_scylla_vs_best_fixed": tps("scylla", b1) / tps(best[b1], b1),
+        "per_batch": {b: {"best_fixed": best[b], "scylla_vs_best_fixed": tps("scylla", b) / tps(best[b], b),
+                          "scylla_vs_nospec": tps("scylla", b) / tps("nospec", b),
+                          **{n: results[n][b] for n in runs}} for b in batches},
+        "scylla_law": law,
+        # vLLM's num_speculative_tokens_per_batch_size applies to its own proposers, not to a custom_class one.
+        "tokens_per_s_ratio_scylla_vs_vllm_table": None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    result = run_hf(args) if args.engine == "hf" else run_vllm(args)
     print(json.dumps(result, default=float))
+    if args.engine == "vllm":
+        os._exit(0)  # vLLM's teardown at exit can abort after the result is out
 
 
 if __name__ == "__main__":

@@ -193,3 +193,58 @@ def test_more_chains_accept_longer_prefixes():
             lengths.append(verify_chains(drafts, p_tab[before[:, :4]], q_tab[before], gen).accepted)
         mean[k] = np.mean(lengths)
     assert mean[4] > 1.2 * mean[1], mean
+
+
+# ---- the target's distributions along k chains, on a small decoder stack --------------------------
+
+def test_score_chains_equals_a_full_forward_of_each_chain():
+    from fastctx.specdec.score import Chains, score_batch, score_chains
+    from tests.test_cacheblend import ToyStack
+
+    class Scoring(ToyStack):
+        def logits(self, hidden, residual):
+            return (hidden + residual) @ self.emb.T
+
+    stack = Scoring(seed=3)
+
+    def full_forward(ids):
+        """Every layer over the whole sequence with causal attention: the plain definition."""
+        pos = torch.arange(len(ids))
+        hidden, residual = stack.embed(torch.tensor(ids)), None
+        H, KH, D = stack.num_heads, stack.num_kv_heads, stack.head_dim
+
+        def attend(q, k, v):
+            q, k, v = (t.view(len(ids), -1, D).transpose(0, 1) for t in (q, k, v))
+            k, v = k.repeat_interleave(H // KH, 0), v.repeat_interleave(H // KH, 0)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=stack.scale)
+            return out.transpose(0, 1).reshape(len(ids), -1)
+
+        kv = []
+        for layer in range(stack.num_layers):
+            def keep(q, k, v, layer=layer):
+                kv.append((k, v))
+                return attend(q, k, v)
+            hidden, residual = stack.run_layer(layer, pos, hidden, residual, keep)
+        return stack.logits(hidden, residual), kv
+
+    context = [5, 9, 1, 33, 7, 2, 40, 11]
+    drafts = torch.tensor([[3, 4, 5], [3, 8, 1], [20, 21, 22]])
+    _, kv = full_forward(context[:-1])
+    got = score_chains(stack, context[-1], drafts, len(context) - 1, lambda layer: kv[layer])
+    for c in range(3):
+        want, _ = full_forward(context + drafts[c].tolist())
+        # The kernel computes in float32.
+        torch.testing.assert_close(got[c], want[len(context) - 1:], atol=1e-4, rtol=1e-4)
+    # No prefix: the chains start the sequence.
+    got = score_chains(stack, 5, drafts, 0, None)
+    torch.testing.assert_close(got[1], full_forward([5, 3, 8, 1])[0], atol=1e-4, rtol=1e-4)
+    # Several requests in one pass (other prefixes, chain counts and depths) score as each alone.
+    other = [2, 2, 7, 19, 4]
+    _, kv2 = full_forward(other[:-1])
+    batch = [Chains(context[-1], drafts, len(context) - 1, lambda layer: kv[layer]),
+             Chains(other[-1], torch.tensor([[6], [9]]), len(other) - 1, lambda layer: kv2[layer]),
+             Chains(5, drafts[:1], 0)]
+    together = score_batch(stack, batch)
+    for item, got in zip(batch, together):
+        alone = score_chains(stack, item.last_token, item.drafts, item.start, item.prefix)
+        torch.testing.assert_close(got, alone, atol=1e-6, rtol=1e-6)

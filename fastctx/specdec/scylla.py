@@ -135,7 +135,8 @@ class ScyllaPolicy:
     def law(self) -> dict:
         th = self.acceptance.coef()
         c = self.cost.coef()
+        th, c = [float(x) for x in th], [float(x) for x in c]  # plain floats: the law crosses RPCs as msgpack
         return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3]},
                 "step_seconds": {"fixed": c[0], "per_target_token": c[1], "per_draft_step": c[2],
                                  "per_draft_token": c[3]},
-                "observations": self.acceptance.seen}
+                "observations": int(self.acceptance.seen)}

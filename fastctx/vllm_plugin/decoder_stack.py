@@ -35,7 +35,7 @@ class VllmDecoderStack(DecoderStack):
         name = type(model).__name__
         if layers is None or not len(layers):
             raise UnsupportedModel(f"CacheBlend: {name} has no model.layers to run one by one")
-        self._inner, self._layers = inner, list(layers)
+        self._model, self._inner, self._layers = model, inner, list(layers)
         attn0 = self._check_layer(0)
         self.num_layers = len(self._layers)
         self.num_heads, self.num_kv_heads, self.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_size
@@ -85,6 +85,11 @@ class VllmDecoderStack(DecoderStack):
         finally:
             sa.attn = engine_attn
 
+    def logits(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The model's final norm and head over the last layer's output."""
+        out = self._inner.norm(hidden, residual) if residual is not None else self._inner.norm(hidden)
+        return self._model.compute_logits(out[0] if isinstance(out, tuple) else out)
+
     def rotate_keys(self, layer: int, keys: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         rope = self._layers[layer].self_attn.rotary_emb
         moved, _ = rope.forward_native(shift, keys)  # out of place; the keys go in as the "query"
@@ -96,6 +101,10 @@ class VllmDecoderStack(DecoderStack):
     def layer_names(self) -> list[str]:
         """vLLM's name of each layer's attention (the key of its paged cache)."""
         return [layer.self_attn.attn.layer_name for layer in self._layers]
+
+    def attention(self, layer: int):
+        """vLLM's attention module of a layer (its ``kv_cache`` is the layer's paged cache)."""
+        return self._layers[layer].self_attn.attn
 
     def isa(self, layer: int) -> str | None:
         """The CPU paged-cache layout vLLM's backend chose for this layer."""

@@ -19,6 +19,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from fastctx.config import FastctxConfig, FastctxConfigError, has_section
 from fastctx.vllm_plugin import ATTENTION_BACKEND, WORKER_CLS, version_problem
+from fastctx.vllm_plugin.spectr import SpecTrParams, uses_spectr
 
 _STOCK_CPU = "vllm.platforms.cpu.CpuPlatform"
 
@@ -51,14 +52,26 @@ def validate(vllm_config) -> FastctxConfig:
             BlendParams.from_dict(vllm_config.kv_transfer_config.kv_connector_extra_config)
         except KnobError as exc:
             raise FastctxConfigError(str(exc)) from None
+    if uses_spectr(vllm_config):
+        from fastctx.methods.base import KnobError
+
+        try:
+            SpecTrParams.from_config(vllm_config)
+        except KnobError as exc:
+            raise FastctxConfigError(str(exc)) from None
     worker = vllm_config.parallel_config.worker_cls
-    if (selected or _uses_blend(vllm_config)) and worker not in (WORKER_CLS, "auto") \
+    if (selected or _needs_worker(vllm_config)) and worker not in (WORKER_CLS, "auto") \
             and not _is_fastctx_worker(worker):
         raise FastctxConfigError(
-            f"fastctx config: --worker-cls {worker} is not fastctx's worker; the fastctx backend and the CacheBlend "
-            f"connector need it (it names a batch's requests, frees their state and hands the connector the "
+            f"fastctx config: --worker-cls {worker} is not fastctx's worker; the fastctx backend, the CacheBlend "
+            f"connector and SpecTr need it (it names a batch's requests, frees their state and hands the connector the "
             f"model): drop --worker-cls or subclass {WORKER_CLS}")
     return cfg
+
+
+def _needs_worker(vllm_config) -> bool:
+    """CacheBlend's connector and SpecTr's proposer reach the model and runner through fastctx's worker."""
+    return _uses_blend(vllm_config) or uses_spectr(vllm_config)
 
 
 def _uses_blend(vllm_config) -> bool:
@@ -89,7 +102,7 @@ class FastctxCpuPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         parallel = vllm_config.parallel_config
-        if (vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM or _uses_blend(vllm_config)) \
+        if (vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM or _needs_worker(vllm_config)) \
                 and parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER_CLS
         super().check_and_update_config(vllm_config)

@@ -54,6 +54,16 @@ class FastctxWorkerExtension:
         stats = getattr(_kv_connector(), "stats", None)
         return stats.summary(reset=reset in (True, "reset")) if stats is not None else {}
 
+    def fastctx_spectr_stats(self, reset: bool | str = False) -> dict:
+        """SpecTr's counts in this worker (verification steps, tokens, accepted drafts, request steps left
+        without drafts, the (depth, chains) arms run, Scylla's fitted law); ``{}`` without fastctx's SpecTr
+        proposer. vLLM's own spec-decode metrics count
+        every verified token as an accepted draft."""
+        from fastctx.vllm_plugin.spectr import SpecTrProposer
+
+        drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+        return drafter.summary(reset=reset in (True, "reset")) if isinstance(drafter, SpecTrProposer) else {}
+
     def fastctx_blend_format(self) -> dict:
         """What this worker's chunk keys cover (weights fingerprint, dtype, layers, KV heads, head_dim), as
         a process sharing its store needs them; ``{}`` without the connector."""
@@ -70,8 +80,13 @@ class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
         from fastctx.vllm_plugin.attention import bind_attention_layers
 
         global _loaded_model
+        from fastctx.vllm_plugin.spectr import SpecTrProposer
+
         result = super().load_model(*args, **kwargs)
         _loaded_model = self.model_runner.model
+        drafter = getattr(self.model_runner, "drafter", None)
+        if isinstance(drafter, SpecTrProposer):
+            drafter.attach(self.model_runner)
         self.fastctx_runtime = bind_attention_layers(self.vllm_config, self.model_runner)
         return result
 

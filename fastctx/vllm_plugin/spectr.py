@@ -1,0 +1,305 @@
+"""SpecTr in stock vLLM: a ``custom_class`` proposer that verifies k draft chains itself.
+
+vLLM 0.32 verifies one flat chain per request and cannot take draft probabilities from a custom
+proposer, so the k chains cannot ride in its own verification pass. This proposer instead runs
+the whole SpecTr step between two engine steps:
+
+1. draws k chains of ``depth`` tokens from the draft (n-gram distribution, per request);
+2. scores them with the target's own decoder layers over the request's cached KV, read in place
+   from vLLM's paged cache (``fastctx.specdec.score``);
+3. runs K-SEQ depth by depth (``fastctx.specdec.chains``) and hands vLLM the result, the accepted
+   drafts plus the residual or bonus token, as the request's "draft".
+
+vLLM's next step computes those tokens' KV and logits as for any draft; fastctx's
+``VerifiedDrafts`` replaces its rejection sampler and keeps every such token (each is already an
+exact draw from the target), then samples one more token from the target's logits after them with
+vLLM's own sampler. Cost: the chains' scoring pass plus vLLM's pass per step, for the accepted
+tokens + 2. Requests whose sampling vLLM changes beyond temperature (top-p/k, min-p, penalties,
+logit bias, allowed/bad words, a seed) get no drafts and decode as without speculation.
+
+    --speculative-config '{"method": "custom_class", "model": "fastctx.vllm_plugin.spectr.SpecTrProposer",
+                           "num_speculative_tokens": 5}'            # depth 4: 4 drafts + 1
+    --additional-config '{"fastctx_spectr": {"chains": 4}}'
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+
+from fastctx.methods.base import KnobError
+
+logger = init_logger("vllm.fastctx.spectr")
+
+PROPOSER = "fastctx.vllm_plugin.spectr.SpecTrProposer"
+CONFIG_KEY = "fastctx_spectr"
+
+
+@dataclass(frozen=True)
+class SpecTrParams:
+    chains: int = 4  # k i.i.d. draft chains per step (with scylla: the most it may pick)
+    scylla: bool = False  # pick depth (0 .. num_speculative_tokens - 1) and chains per step (ScyllaPolicy)
+    ngram_min: int = 2  # the n-gram draft: shortest context suffix looked up
+    ngram_max: int = 4  # longest
+    seed: int = 0  # the proposer's own random stream (drafts and K-SEQ's coins)
+
+    @classmethod
+    def from_config(cls, vllm_config) -> SpecTrParams:
+        extra = vllm_config.additional_config
+        raw = (extra or {}).get(CONFIG_KEY, {}) if isinstance(extra, dict) else {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise KnobError(f"{CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
+        params = cls(**raw)
+        if not isinstance(params.chains, int) or not 1 <= params.chains <= 16:
+            raise KnobError(f"{CONFIG_KEY}.chains={params.chains!r}: give 1-16 chains (1 is speculative sampling)")
+        if not isinstance(params.scylla, bool):
+            raise KnobError(f"{CONFIG_KEY}.scylla={params.scylla!r}: give true or false")
+        if not 1 <= params.ngram_min <= params.ngram_max:
+            raise KnobError(f"{CONFIG_KEY}: ngram_min={params.ngram_min}, ngram_max={params.ngram_max}: "
+                            "need 1 <= ngram_min <= ngram_max")
+        spec = vllm_config.speculative_config
+        if spec.num_speculative_tokens < 2:
+            raise KnobError(f"SpecTr: num_speculative_tokens={spec.num_speculative_tokens} leaves no draft depth; "
+                            "it carries the verified drafts plus one token, so set it to depth + 1 (>= 2)")
+        return params
+
+
+def uses_spectr(vllm_config) -> bool:
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.model == PROPOSER
+
+
+def plain_sampling(sp) -> bool:
+    """Sampling vLLM does as softmax(logits / temperature) alone, which K-SEQ's target must equal."""
+    top_k_off = sp.top_k in (0, -1, None)
+    return (sp.top_p >= 1.0 and top_k_off and not sp.min_p and not sp.presence_penalty
+            and not sp.frequency_penalty and sp.repetition_penalty == 1.0 and not sp.logit_bias
+            and sp.allowed_token_ids is None and not sp.bad_words and sp.seed is None
+            and not getattr(sp, "logits_processors", None))
+
+
+class SpecTrStats:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0  # verification steps run (one per request and engine step with drafts)
+        self.tokens = 0  # tokens they produced (accepted drafts + the residual or bonus)
+        self.accepted = 0
+        self.skipped = 0  # request steps left without drafts (their sampling is not plain)
+
+    def add(self, tokens: int) -> None:
+        with self._lock:
+            self.steps += 1
+            self.tokens += tokens
+            self.accepted += tokens - 1
+
+    def summary(self, reset: bool = False) -> dict:
+        with self._lock:
+            out = {"steps": self.steps, "tokens": self.tokens, "accepted_drafts": self.accepted,
+                   "skipped": self.skipped,
+                   # accepted drafts + the residual or bonus token: SpecTr's accepted length
+                   "tokens_per_verification": self.tokens / self.steps if self.steps else 0.0,
+                   # vLLM adds one token of its own after each verified run
+                   "tokens_per_step": (self.tokens + self.steps) / self.steps if self.steps else 0.0}
+            if reset:
+                self.reset()
+            return out
+
+
+class SpecTrProposer:
+    def __init__(self, vllm_config):
+        from fastctx.specdec.hf_loop import NgramDraft
+
+        self.params = SpecTrParams.from_config(vllm_config)
+        self.depth = vllm_config.speculative_config.num_speculative_tokens - 1
+        self.vocab = vllm_config.model_config.get_vocab_size()
+        self._ngram = NgramDraft
+        self.gen = torch.Generator().manual_seed(self.params.seed)
+        self.drafts: dict[str, NgramDraft] = {}
+        self.stats = SpecTrStats()
+        # Off unless a check turns it on: the target's logits behind each request's verified tokens.
+        self.record = False
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.policy = None
+        if self.params.scylla:
+            from fastctx.specdec.scylla import ScyllaPolicy
+
+            chains = tuple(c for c in (1, 2, 4, 8, 16) if c <= self.params.chains)
+            self.policy = ScyllaPolicy(depths=tuple(range(self.depth + 1)), chains=chains, seed=self.params.seed)
+        self._last_step = None  # (depth, chains, request ids, accepted, started) of a step Scylla has yet to time
+        self.arms: dict[str, int] = {}
+        self.runner = None
+        self._target = None
+        self._stack = None
+
+    def load_model(self, target_model) -> None:
+        self._target = target_model
+
+    def attach(self, runner) -> None:
+        """Called by fastctx's worker once the model is loaded: the proposer reads the batch's block
+        tables and requests from the runner, and vLLM keeps every verified token."""
+        self.runner = runner
+        runner.rejection_sampler = VerifiedDrafts(runner.rejection_sampler)
+
+    def stack(self):
+        if self._stack is None:
+            from fastctx.vllm_plugin.decoder_stack import VllmDecoderStack
+
+            self._stack = VllmDecoderStack(self._target)
+        return self._stack
+
+    @torch.inference_mode()
+    def propose(self, sampled_token_ids, num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
+                slot_mappings=None, **_) -> list[list[int]]:
+        if self.runner is None:
+            raise RuntimeError("SpecTr: the proposer was not attached to the model runner; run fastctx's worker "
+                               "(leave --worker-cls at auto)")
+        batch = self.runner.input_batch
+        live = set(batch.req_ids)
+        for gone in set(self.drafts) - live:
+            del self.drafts[gone]
+        now = time.perf_counter()
+        out: list[list[int]] = [[] for _ in sampled_token_ids]
+        eligible = []
+        for row, sampled in enumerate(sampled_token_ids):
+            req_id = batch.req_ids[row] if row < len(batch.req_ids) else None
+            if not sampled or req_id is None:
+                continue
+            sp = self.runner.requests[req_id].sampling_params
+            if not plain_sampling(sp):
+                self.stats.skipped += 1
+                continue
+            eligible.append((row, req_id, float(sp.temperature), self._request_arm(sp)))
+        ids = frozenset(e[1] for e in eligible)
+        if self._last_step is not None:
+            # A step's time runs from one proposal to the next (ours and vLLM's pass); it is a decode step's
+            # only if the same requests went on (no prefill joined, no idle gap between generate calls).
+            depth, k, last_ids, accepted, started = self._last_step
+            if last_ids == ids:
+                self.policy.observe(depth, k, len(ids), accepted, now - started)
+            self._last_step = None
+        if not eligible:
+            return out
+        step_arm = self.policy.choose(len(eligible)) if self.policy else None
+        work = []
+        for row, req_id, temperature, arm in eligible:
+            depth, k = step_arm or arm
+            self.arms[f"d{depth}k{k}"] = self.arms.get(f"d{depth}k{k}", 0) + 1
+            if depth:
+                tokens = token_ids_cpu[row, :int(num_tokens_no_spec[row])].tolist()
+                work.append((row, req_id, tokens, 0.0 if temperature < 1e-5 else temperature, depth, k))
+        verified = self._verify(work) if work else []
+        for (row, *_), tokens in zip(work, verified):
+            out[row] = tokens
+        if self.policy is not None:
+            accepted = [len(t) - 1 for t in verified] or [0] * len(eligible)
+            self._last_step = (*step_arm, ids, accepted, now)
+        return out
+
+    def _request_arm(self, sp) -> tuple[int, int]:
+        """(depth, chains) of a request: the engine's, or its ``extra_args={"spectr": {"depth", "chains"}}``
+        within the engine's bounds (depth 0: no drafts). Scylla's choice overrides both."""
+        ask = (sp.extra_args or {}).get("spectr") or {}
+        depth, k = ask.get("depth", self.depth), ask.get("chains", self.params.chains)
+        if not (isinstance(depth, int) and 0 <= depth <= self.depth and isinstance(k, int) and 1 <= k <= 16):
+            logger.warning_once("SpecTr: a request asked for depth=%r, chains=%r; this engine serves depth "
+                                "0-%d (num_speculative_tokens - 1) and 1-16 chains: it runs the engine's %d x %d",
+                                depth, k, self.depth, self.depth, self.params.chains)
+            return self.depth, self.params.chains
+        return depth, k
+
+    def summary(self, reset: bool = False) -> dict:
+        out = {**self.stats.summary(reset), "arms": dict(self.arms)}
+        if self.policy is not None:
+            out["scylla_law"] = self.policy.law()
+        if reset:
+            self.arms.clear()
+        return out
+
+    def _verify(self, work: list[tuple]) -> list[list[int]]:
+        """Draft each request's chains, score every chain of the batch in one pass, verify each request."""
+        from fastctx.specdec.chains import verify_chains
+        from fastctx.specdec.hf_loop import _probs
+        from fastctx.specdec.score import Chains, score_batch
+
+        drafted, batch = [], []
+        for row, req_id, tokens, temperature, depth, k in work:
+            # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
+            draft = self.drafts.setdefault(req_id, self._ngram(self.vocab, self.params.ngram_min,
+                                                                self.params.ngram_max))
+            drafts, p = draft.propose(tokens, k if temperature else 1, depth, temperature, self.gen)
+            start = len(tokens) - 1  # the newest token has no KV yet; everything before it does
+            drafted.append((drafts, p))
+            batch.append(Chains(tokens[-1], drafts, start, self._prefix(row, start) if start else None))
+        results = []
+        for (_, req_id, _, temperature, _, _), (drafts, p), logits in zip(work, drafted,
+                                                                           score_batch(self.stack(), batch)):
+            verdict = verify_chains(drafts, p if temperature else None, _probs(logits, temperature), self.gen)
+            self.stats.add(len(verdict.tokens))
+            if self.record:
+                self.recorded[req_id] = logits[verdict.chain, :len(verdict.tokens)].float()
+            results.append(verdict.tokens)
+        return results
+
+    def _prefix(self, row: int, start: int):
+        from fastctx.vllm_plugin.paged_kv import cpu_paged_kv, why_not_readable
+
+        stack = self.stack()
+        table = self.runner.input_batch.block_table[0].get_cpu_tensor()[row]
+        width = stack.num_kv_heads * stack.head_dim
+
+        def read(layer: int):
+            cache = stack.attention(layer).kv_cache
+            problem = why_not_readable(cache, stack.isa(layer))
+            if problem:
+                raise RuntimeError(f"SpecTr: cannot read the request's cached KV: {problem}")
+            kv = cpu_paged_kv(cache)
+            blocks = table[: -(-start // kv.block_size)]
+            k, v = kv.gather(blocks, start)
+            return k.transpose(0, 1).reshape(start, width), v.transpose(0, 1).reshape(start, width)
+
+        return read
+
+
+class VerifiedDrafts(torch.nn.Module):
+    """vLLM's rejection sampler for SpecTr's drafts: every draft is kept (each is a verified draw from
+    the target), and one token is sampled after them from the target's logits by vLLM's own sampler."""
+
+    def __init__(self, stock):
+        super().__init__()
+        self.stock = stock
+        self.sampler = stock.sampler
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        from dataclasses import replace
+
+        from vllm.v1.outputs import SamplerOutput
+
+        bonus = self.stock.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1), predict_bonus_token=True,
+            logprobs_mode_override="processed_logits" if self.stock.is_processed_logprobs_mode else "raw_logits")
+        counts = metadata.num_draft_tokens
+        out = torch.full((len(counts), metadata.max_spec_len + 1), -1, dtype=torch.int32, device=logits.device)
+        drafts = metadata.draft_token_ids.to(torch.int32)
+        at = 0
+        for row, n in enumerate(counts):
+            out[row, :n] = drafts[at:at + n]
+            out[row, n] = bonus.sampled_token_ids[row, 0]
+            at += n
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            raw = logits[metadata.target_logits_indices].to(torch.float32)
+            logprobs = self.stock._get_logprobs_tensors(sampling_metadata.max_num_logprobs, metadata, logits, raw,
+                                                        bonus.logprobs_tensors.logprobs, out)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs)
+

@@ -1,0 +1,129 @@
+"""SpecTr inside stock vLLM: fastctx's custom_class proposer verifies k chains, vLLM keeps its tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastctx.eval.texts import natural_text, token_ids
+from tests.conftest import _make_llm
+
+pytestmark = pytest.mark.engine
+
+PROPOSER = "fastctx.vllm_plugin.spectr.SpecTrProposer"
+
+
+def spectr_engine(model_dir, chains=4, depth=3, **extra):
+    return _make_llm(model_dir, speculative_config={"method": "custom_class", "model": PROPOSER,
+                                                    "num_speculative_tokens": depth + 1},
+                     additional_config={"fastctx_spectr": {"chains": chains, **extra}})
+
+
+@pytest.fixture(scope="module")
+def spectr_llm(vllm_available, model_dir):
+    return spectr_engine(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir):
+    from transformers import AutoTokenizer
+
+    ids = token_ids(AutoTokenizer.from_pretrained(model_dir), natural_text())
+    # Repeated text gives the n-gram draft something to match; the others are plain text.
+    return [ids[:300] + ids[:300], ids[1000:1400], ids[2000:2100]]
+
+
+def generate(llm, prompts, temperature, max_tokens=40, **kw):
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, **kw)
+    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sp,
+                                                                use_tqdm=False)]
+
+
+def stats(llm) -> dict:
+    return llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
+
+
+def test_greedy_spectr_gives_the_tokens_of_no_speculation(spectr_llm, stock_llm, prompts):
+    stats(spectr_llm)
+    assert generate(spectr_llm, prompts, 0.0) == generate(stock_llm, prompts, 0.0)
+    s = stats(spectr_llm)
+    assert s["steps"] > 0 and s["accepted_drafts"] > 0  # the repeated prompt is drafted right
+    assert s["tokens_per_step"] > 2.0
+
+
+def _record_logit_gaps(worker):
+    """In the worker: compare the proposer's target logits behind each verified token with the
+    logits vLLM's own forward computes for the same positions one step later."""
+    runner = worker.model_runner
+    drafter, sampler = runner.drafter, runner.rejection_sampler
+    drafter.record = True
+    gaps = worker.spectr_gaps = []
+    stock_forward = sampler.forward
+
+    def forward(metadata, draft_probs, logits, sampling_metadata):
+        at = 0
+        for row, n in enumerate(metadata.num_draft_tokens):
+            mine = drafter.recorded.pop(runner.input_batch.req_ids[row], None)
+            if n and mine is not None:
+                theirs = logits[metadata.target_logits_indices[at:at + n]].float()
+                gaps.append(float((theirs.log_softmax(-1) - mine.log_softmax(-1)).abs().max()))
+            at += n
+        return stock_forward(metadata, draft_probs, logits, sampling_metadata)
+
+    sampler.forward = forward
+
+
+def _logit_gaps(worker):
+    return list(worker.spectr_gaps)
+
+
+def test_the_proposers_target_distribution_is_vllms(spectr_llm, prompts):
+    """K-SEQ draws from the proposer's q: it must be the distribution vLLM samples from."""
+    spectr_llm.collective_rpc(_record_logit_gaps)
+    generate(spectr_llm, prompts, 1.0, max_tokens=24)
+    gaps = spectr_llm.collective_rpc(_logit_gaps)[0]
+    print(f"{len(gaps)} verified runs, largest log-prob gap {max(gaps):.2e}")
+    assert len(gaps) > 10 and max(gaps) < 1e-3, (len(gaps), max(gaps))
+
+
+def test_sampling_runs_k_chains_and_accepts_drafts(spectr_llm, prompts):
+    stats(spectr_llm)
+    outs = generate(spectr_llm, prompts, 1.0, max_tokens=48)
+    assert all(len(o) == 48 for o in outs)
+    s = stats(spectr_llm)
+    assert s["steps"] > 0 and s["accepted_drafts"] > 0 and s["skipped"] == 0
+
+
+def test_a_request_picks_its_own_depth_and_chains(spectr_llm, prompts):
+    stats(spectr_llm)
+    generate(spectr_llm, prompts[:1], 1.0, max_tokens=12, extra_args={"spectr": {"depth": 1, "chains": 2}})
+    generate(spectr_llm, prompts[1:2], 1.0, max_tokens=12, extra_args={"spectr": {"depth": 0}})
+    s = stats(spectr_llm)
+    assert set(s["arms"]) == {"d1k2", "d0k4"} and s["arms"]["d0k4"] == 12  # one proposal per engine step
+    assert s["steps"] == s["arms"]["d1k2"]
+
+
+def test_requests_with_top_p_or_a_seed_decode_without_drafts(spectr_llm, stock_llm, prompts):
+    stats(spectr_llm)
+    seeded = generate(spectr_llm, prompts[:1], 1.0, max_tokens=16, seed=7)
+    assert seeded == generate(stock_llm, prompts[:1], 1.0, max_tokens=16, seed=7)
+    generate(spectr_llm, prompts[:1], 1.0, max_tokens=8, top_p=0.9)
+    s = stats(spectr_llm)
+    assert s["steps"] == 0 and s["skipped"] > 0
+
+
+def test_bad_settings_stop_the_engine_with_the_reason(vllm_available, model_dir):
+    with pytest.raises(Exception, match=r"chains=0: give 1-16 chains"):
+        spectr_engine(model_dir, chains=0)
+    with pytest.raises(Exception, match="num_speculative_tokens=1 leaves no draft depth"):
+        spectr_engine(model_dir, depth=0)
+
+
+def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, prompts):
+    llm = spectr_engine(model_dir, chains=2, depth=2, scylla=True)
+    generate(llm, prompts, 1.0, max_tokens=40)
+    s = stats(llm)
+    # Every (depth, chains) arm is tried once a batch size is seen: depth 0 (no drafts) and 1-2 x 1-2 chains.
+    assert set(s["arms"]) == {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}
+    assert s["scylla_law"]["observations"] > 0
