@@ -239,7 +239,7 @@ def test_score_chains_equals_a_full_forward_of_each_chain():
     got = score_chains(stack, 5, drafts, 0, None)
     torch.testing.assert_close(got[1], full_forward([5, 3, 8, 1])[0], atol=1e-4, rtol=1e-4)
     # Several requests in one pass (other prefixes, chain counts and depths) score as each alone.
-    other = [2, 2, 7, 19, 4]
+    other = [(7 * i) % 50 for i in range(38)]  # over two whole blocks of the scoring buffer
     _, kv2 = full_forward(other[:-1])
     batch = [Chains(context[-1], drafts, len(context) - 1, lambda layer: kv[layer]),
              Chains(other[-1], torch.tensor([[6], [9]]), len(other) - 1, lambda layer: kv2[layer]),
@@ -248,3 +248,5 @@ def test_score_chains_equals_a_full_forward_of_each_chain():
     for item, got in zip(batch, together):
         alone = score_chains(stack, item.last_token, item.drafts, item.start, item.prefix)
         torch.testing.assert_close(got, alone, atol=1e-6, rtol=1e-6)
+    for c, d in enumerate([[6], [9]]):
+        torch.testing.assert_close(together[1][c], full_forward(other + d)[0][len(other) - 1:], atol=1e-4, rtol=1e-4)

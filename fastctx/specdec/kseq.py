@@ -34,7 +34,7 @@ def optimal_rho(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     lo = torch.ones(p.shape[:-1], dtype=torch.float64, device=p.device)
     if k == 1:
         return lo
-    p64, q64 = p.double(), q.double()
+    p64, q64 = _on_support(p.double(), q.double())
     hi = torch.full_like(lo, float(k))
     ok = lo * beta(p64, q64, lo) >= acceptance(beta(p64, q64, lo), k)
     for _ in range(BISECTION_STEPS):
@@ -44,6 +44,15 @@ def optimal_rho(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
         hi = torch.where(good, mid, hi)
         lo = torch.where(good, lo, mid)
     return torch.where(ok, torch.ones_like(hi), hi)
+
+
+def _on_support(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta only sums where p > 0: a sparse draft (n-gram) bisects over its support, not the vocabulary."""
+    nnz = int((p > 0).sum(-1).max())
+    if nnz * 4 >= p.shape[-1]:
+        return p, q
+    idx = p.topk(max(nnz, 1), -1).indices
+    return p.gather(-1, idx), q.gather(-1, idx)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor, rho: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,11 +78,12 @@ def kseq(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     u = torch.rand(drafts.shape, dtype=torch.float64, generator=generator, device=p.device)
     ok = u <= ratio
     first = torch.where(ok.any(-1), ok.int().argmax(-1), torch.full_like(rho, -1, dtype=torch.long))
-    res = residual(p, q, rho, k)
-    fallback = torch.multinomial(res.reshape(-1, res.shape[-1]).float(), 1, generator=generator)
-    fallback = fallback.reshape(first.shape)
-    chosen = drafts.gather(-1, first.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(first >= 0, chosen, fallback), first
+    token = drafts.gather(-1, first.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    miss = first < 0
+    if miss.any():  # the residual only where every draft was rejected
+        res = residual(p[miss], q[miss], rho[miss], k)
+        token[miss] = torch.multinomial(res.float(), 1, generator=generator).squeeze(-1).to(token.dtype)
+    return token, first
 
 
 def kseq_greedy(q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,31 +74,44 @@ def score_batch(stack: ScoringStack, batch: list[Chains]) -> list[torch.Tensor]:
     return out
 
 
+BLOCK = 16  # tokens per block of the scoring buffer: a request's prefix is stored once, in whole blocks
+
+
 def _chains_attention(stack: DecoderStack, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       prefixes: list[tuple[torch.Tensor, torch.Tensor]], spans: list[tuple[int, int, int]],
                       positions: torch.Tensor) -> torch.Tensor:
-    """One kernel request per chain; block c holds its request's prefix, then the chain's own tokens."""
+    """One kernel request per chain. A request's whole prefix blocks are shared by its chains through
+    their block tables; each chain's own blocks hold the prefix's partial last block, then its tokens."""
     H, KH, D = stack.num_heads, stack.num_kv_heads, stack.head_dim
-    chains = sum(k for _, k, _ in spans)
-    size = max(prefixes[r][0].shape[0] + n for r, _, n in spans)
-    keys = torch.zeros(chains, size, KH * D, dtype=key.dtype)
-    values = torch.zeros_like(keys)
-    starts, lens, c, row = [0], [], 0, 0
+    keys, values, tables, starts, lens = [], [], [], [0], []
+    count, row = 0, 0
+
+    def add(k_part, v_part):  # whole blocks of [tokens, KH * D], zero-padded; returns their block ids
+        nonlocal count
+        pad = -k_part.shape[0] % BLOCK
+        keys.append(torch.nn.functional.pad(k_part.to(key.dtype), (0, 0, 0, pad)))
+        values.append(torch.nn.functional.pad(v_part.to(key.dtype), (0, 0, 0, pad)))
+        ids = list(range(count, count + (k_part.shape[0] + pad) // BLOCK))
+        count += len(ids)
+        return ids
+
     for r, k, n in spans:
         pk, pv = prefixes[r]
         start = pk.shape[0]
-        keys[c:c + k, :start], values[c:c + k, :start] = pk.to(key.dtype), pv.to(key.dtype)
-        keys[c:c + k, start:start + n] = key[row:row + k * n].view(k, n, -1)
-        values[c:c + k, start:start + n] = value[row:row + k * n].view(k, n, -1)
-        for _ in range(k):
+        whole = start // BLOCK * BLOCK
+        shared = add(pk[:whole], pv[:whole])
+        own_k, own_v = key[row:row + k * n].view(k, n, -1), value[row:row + k * n].view(k, n, -1)
+        for c in range(k):
+            tables.append(shared + add(torch.cat([pk[whole:], own_k[c]]), torch.cat([pv[whole:], own_v[c]])))
             starts.append(starts[-1] + n)
             lens.append(start + n)
-        c, row = c + k, row + k * n
+        row += k * n
 
-    def paged(t):
-        return t.view(chains, size, KH, D).transpose(1, 2).contiguous()
+    def paged(parts):
+        return torch.cat(parts).view(count, BLOCK, KH, D).transpose(1, 2).contiguous()
 
-    table = torch.arange(chains, dtype=torch.int32).unsqueeze(1)
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     out = paged_attention(q.reshape(-1, H, D).contiguous(), PagedKV(paged(keys), paged(values)), table, starts,
-                          lens, [Read.DENSE] * chains, scale=stack.scale, positions=positions)
+                          lens, [Read.DENSE] * len(tables), scale=stack.scale, positions=positions)
     return out.reshape(-1, H * D)
