@@ -234,6 +234,8 @@ def run_vllm(args) -> dict:
                                 **({"arms": st["arms"]} if name == "scylla" else {})}
             print(f"batch {b}: {name:11s} accept_len {accept:5.2f} tok/s {tokens / seconds:7.2f}", flush=True)
     law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
+    for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
+        llm.llm_engine.engine_core.shutdown()
 
     def tps(name, b):
         return results[name][b]["tokens_per_s"]

@@ -80,6 +80,28 @@ def _make_llm(model_dir, **overrides):
     return LLM(**engine_kwargs(model_dir, **overrides))
 
 
+def make_process_llm(model_dir, **overrides):
+    """An engine whose core runs in its own process. Engines with process-wide state (a KV connector,
+    a speculative proposer) run so: tearing one down in-process would take the distributed groups the
+    session's in-process engines use with it."""
+    from vllm import envs
+
+    # vLLM caches its environment once an engine starts: uncache it so this engine reads the variable.
+    envs.disable_envs_cache()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    try:
+        llm = _make_llm(model_dir, **overrides)
+    finally:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        envs.disable_envs_cache()
+    assert type(llm.llm_engine.engine_core).__name__ == "SyncMPClient"
+    return llm
+
+
+def close(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
 @pytest.fixture(scope="session")
 def stock_llm(vllm_available, model_dir):
     return _make_llm(model_dir)

@@ -4,7 +4,7 @@ One fp32 engine with fastctx's connector (prefix caching on, Redis as the
 shared tier), stock vLLM as the reference, then a second fp32 replica, a bf16
 engine and an engine of a fine-tuned copy of the model on the same Redis. Engines with the connector run in their own
 processes (vLLM keeps one KV connector per process, which would leak into the
-in-process engines of other tests). Prompts are built from token ids (documents
+in-process engines of other tests; see ``make_process_llm``). Prompts are built from token ids (documents
 joined by the separator's ids), so a document's tokens are the same wherever it
 sits.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from fastctx.cacheblend.params import BlendParams
 from fastctx.eval.texts import natural_text, token_ids
-from tests.conftest import _make_llm, wait_for
+from tests.conftest import close, make_process_llm, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -51,22 +51,7 @@ def connector(port, **extra):
 
 
 def blend_engine(model_dir, port, connector_extra=None, **kw):
-    from vllm import envs
-
-    # vLLM caches its environment once an engine starts: uncache it so this engine reads the variable.
-    envs.disable_envs_cache()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    try:
-        llm = _make_llm(model_dir, kv_transfer_config=connector(port, **(connector_extra or {})), **kw)
-    finally:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        envs.disable_envs_cache()
-    assert type(llm.llm_engine.engine_core).__name__ == "SyncMPClient"
-    return llm
-
-
-def close(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
+    return make_process_llm(model_dir, kv_transfer_config=connector(port, **(connector_extra or {})), **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
-"""SpecTr inside stock vLLM: fastctx's custom_class proposer verifies k chains, vLLM keeps its tokens."""
+"""SpecTr inside stock vLLM: fastctx's custom_class proposer verifies k chains, vLLM keeps its tokens.
+
+SpecTr engines run their cores in their own processes (``make_process_llm``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from fastctx.eval.texts import natural_text, token_ids
-from tests.conftest import _make_llm
+from tests.conftest import close, make_process_llm
 
 pytestmark = pytest.mark.engine
 
@@ -13,14 +15,16 @@ PROPOSER = "fastctx.vllm_plugin.spectr.SpecTrProposer"
 
 
 def spectr_engine(model_dir, chains=4, depth=3, **extra):
-    return _make_llm(model_dir, speculative_config={"method": "custom_class", "model": PROPOSER,
+    return make_process_llm(model_dir, speculative_config={"method": "custom_class", "model": PROPOSER,
                                                     "num_speculative_tokens": depth + 1},
                      additional_config={"fastctx_spectr": {"chains": chains, **extra}})
 
 
 @pytest.fixture(scope="module")
 def spectr_llm(vllm_available, model_dir):
-    return spectr_engine(model_dir)
+    llm = spectr_engine(model_dir)
+    yield llm
+    close(llm)
 
 
 @pytest.fixture(scope="module")
@@ -52,39 +56,16 @@ def test_greedy_spectr_gives_the_tokens_of_no_speculation(spectr_llm, stock_llm,
     assert s["tokens_per_step"] > 2.0
 
 
-def _record_logit_gaps(worker):
-    """In the worker: compare the proposer's target logits behind each verified token with the
-    logits vLLM's own forward computes for the same positions one step later."""
-    runner = worker.model_runner
-    drafter, sampler = runner.drafter, runner.rejection_sampler
-    drafter.record = True
-    gaps = worker.spectr_gaps = []
-    stock_forward = sampler.forward
-
-    def forward(metadata, draft_probs, logits, sampling_metadata):
-        at = 0
-        for row, n in enumerate(metadata.num_draft_tokens):
-            mine = drafter.recorded.pop(runner.input_batch.req_ids[row], None)
-            if n and mine is not None:
-                theirs = logits[metadata.target_logits_indices[at:at + n]].float()
-                gaps.append(float((theirs.log_softmax(-1) - mine.log_softmax(-1)).abs().max()))
-            at += n
-        return stock_forward(metadata, draft_probs, logits, sampling_metadata)
-
-    sampler.forward = forward
-
-
-def _logit_gaps(worker):
-    return list(worker.spectr_gaps)
-
-
 def test_the_proposers_target_distribution_is_vllms(spectr_llm, prompts):
-    """K-SEQ draws from the proposer's q: it must be the distribution vLLM samples from."""
-    spectr_llm.collective_rpc(_record_logit_gaps)
+    """K-SEQ draws from the proposer's q: it must be the distribution vLLM samples from. The check
+    compares the proposer's log-probs behind each verified token with vLLM's for the same positions."""
+    assert spectr_llm.collective_rpc("fastctx_spectr_check", args=("on",)) == [True]
+    stats(spectr_llm)
     generate(spectr_llm, prompts, 1.0, max_tokens=24)
-    gaps = spectr_llm.collective_rpc(_logit_gaps)[0]
-    print(f"{len(gaps)} verified runs, largest log-prob gap {max(gaps):.2e}")
-    assert len(gaps) > 10 and max(gaps) < 1e-3, (len(gaps), max(gaps))
+    s = stats(spectr_llm)
+    spectr_llm.collective_rpc("fastctx_spectr_check", args=("off",))
+    print(f"{s['logit_gap_count']} verified runs, largest log-prob gap {s['logit_gap_max']:.2e}")
+    assert s["logit_gap_count"] > 10 and s["logit_gap_max"] < 1e-3, s
 
 
 def test_sampling_runs_k_chains_and_accepts_drafts(spectr_llm, prompts):
@@ -122,8 +103,11 @@ def test_bad_settings_stop_the_engine_with_the_reason(vllm_available, model_dir)
 
 def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, prompts):
     llm = spectr_engine(model_dir, chains=2, depth=2, scylla=True)
-    generate(llm, prompts, 1.0, max_tokens=40)
-    s = stats(llm)
+    try:
+        generate(llm, prompts, 1.0, max_tokens=40)
+        s = stats(llm)
+    finally:
+        close(llm)
     # Every (depth, chains) arm is tried once a batch size is seen: depth 0 (no drafts) and 1-2 x 1-2 chains.
     assert set(s["arms"]) == {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}
     assert s["scylla_law"]["observations"] > 0

@@ -126,9 +126,11 @@ class SpecTrProposer:
         self.gen = torch.Generator().manual_seed(self.params.seed)
         self.drafts: dict[str, NgramDraft] = {}
         self.stats = SpecTrStats()
-        # Off unless a check turns it on: the target's logits behind each request's verified tokens.
+        # The check (RPC fastctx_spectr_check): the target's logits behind each request's verified
+        # tokens, compared with vLLM's logits for the same positions one step later.
         self.record = False
         self.recorded: dict[str, torch.Tensor] = {}
+        self.gaps: list[float] = []
         self.policy = None
         if self.params.scylla:
             from fastctx.specdec.scylla import ScyllaPolicy
@@ -148,7 +150,7 @@ class SpecTrProposer:
         """Called by fastctx's worker once the model is loaded: the proposer reads the batch's block
         tables and requests from the runner, and vLLM keeps every verified token."""
         self.runner = runner
-        runner.rejection_sampler = VerifiedDrafts(runner.rejection_sampler)
+        runner.rejection_sampler = VerifiedDrafts(runner.rejection_sampler, self)
 
     def stack(self):
         if self._stack is None:
@@ -221,6 +223,8 @@ class SpecTrProposer:
         out = {**self.stats.summary(reset), "arms": dict(self.arms)}
         if self.policy is not None:
             out["scylla_law"] = self.policy.law()
+        if self.record:
+            out["logit_gap_max"], out["logit_gap_count"] = max(self.gaps, default=0.0), len(self.gaps)
         if reset:
             self.arms.clear()
         return out
@@ -274,16 +278,29 @@ class VerifiedDrafts(torch.nn.Module):
     """vLLM's rejection sampler for SpecTr's drafts: every draft is kept (each is a verified draw from
     the target), and one token is sampled after them from the target's logits by vLLM's own sampler."""
 
-    def __init__(self, stock):
+    def __init__(self, stock, drafter: SpecTrProposer):
         super().__init__()
         self.stock = stock
         self.sampler = stock.sampler
+        self.drafter = drafter
+
+    def _check(self, metadata, logits) -> None:
+        """Largest log-prob gap between the proposer's target rows and vLLM's for the verified tokens."""
+        d, at = self.drafter, 0
+        for row, n in enumerate(metadata.num_draft_tokens):
+            mine = d.recorded.pop(d.runner.input_batch.req_ids[row], None)
+            if n and mine is not None:
+                theirs = logits[metadata.target_logits_indices[at:at + n]].float()
+                d.gaps.append(float((theirs.log_softmax(-1) - mine.log_softmax(-1)).abs().max()))
+            at += n
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         from dataclasses import replace
 
         from vllm.v1.outputs import SamplerOutput
 
+        if self.drafter.record:
+            self._check(metadata, logits)
         bonus = self.stock.sampler(
             logits=logits[metadata.bonus_logits_indices],
             sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1), predict_bonus_token=True,

@@ -64,6 +64,18 @@ class FastctxWorkerExtension:
         drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
         return drafter.summary(reset=reset in (True, "reset")) if isinstance(drafter, SpecTrProposer) else {}
 
+    def fastctx_spectr_check(self, on: bool | str = True) -> bool:
+        """Compare SpecTr's target distribution with vLLM's logits for every verified token from now on
+        (``fastctx_spectr_stats`` then reports ``logit_gap_max``); False without fastctx's proposer."""
+        from fastctx.vllm_plugin.spectr import SpecTrProposer
+
+        drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
+        if not isinstance(drafter, SpecTrProposer):
+            return False
+        drafter.record = on in (True, "on")
+        drafter.gaps.clear()
+        return True
+
     def fastctx_blend_format(self) -> dict:
         """What this worker's chunk keys cover (weights fingerprint, dtype, layers, KV heads, head_dim), as
         a process sharing its store needs them; ``{}`` without the connector."""
