@@ -33,7 +33,7 @@ from fastctx.cacheblend.blend import StoredSpan, blend
 from fastctx.cacheblend.chunks import ChunkSpanError, spans_from_request, split_on_separator
 from fastctx.cacheblend.params import BlendParams
 from fastctx.cacheblend.stats import BlendStats
-from fastctx.vllm_plugin.paged_kv import cpu_paged_kv, why_not_readable
+from fastctx.vllm_plugin.paged_kv import prefix_reader
 
 logger = init_logger("vllm.fastctx.cacheblend")
 
@@ -235,19 +235,9 @@ class _BlendWorker:
         return blocks[positions // bs] * bs + positions % bs
 
     def _prefix_reader(self, plan: BlendPlan):
-        bs = self.c.block_size
-        blocks = torch.tensor(plan.block_ids[: -(-plan.start // bs)], dtype=torch.int32)
-
-        def read(layer: int):
-            cache = self.c._kv_caches[self.names[layer]]
-            problem = why_not_readable(cache, self.stack.isa(layer))
-            if problem:
-                raise RuntimeError(f"cacheblend: cannot read the cached prefix: {problem}")
-            k, v = cpu_paged_kv(cache).gather(blocks, plan.start)
-            width = self.stack.num_kv_heads * self.stack.head_dim
-            return k.transpose(0, 1).reshape(plan.start, width), v.transpose(0, 1).reshape(plan.start, width)
-
-        return read
+        return prefix_reader(self.stack, lambda layer: self.c._kv_caches[self.names[layer]],
+                             torch.tensor(plan.block_ids, dtype=torch.int32), plan.start,
+                             "cacheblend: cannot read the cached prefix")
 
     def _write(self, plan: BlendPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         from vllm import _custom_ops as ops

@@ -10,6 +10,8 @@ always go through vLLM's own ``cpu_attn_reshape_and_cache``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastctx.kernels.paged import PagedKV
@@ -33,3 +35,22 @@ def cpu_paged_kv(kv_cache: torch.Tensor) -> PagedKV:
     key = kv_cache.as_strided((blocks, heads, block_size, dim), (sb, sh, 1, block_size), offset)
     value = kv_cache.as_strided((blocks, heads, block_size, dim), (sb, sh, dim, 1), offset + block_size * dim)
     return PagedKV(key, value)
+
+
+def prefix_reader(stack, layer_cache: Callable[[int], torch.Tensor], table: torch.Tensor, start: int,
+                  what: str) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, a copy of a sequence's first ``start`` K and V in vLLM's paged cache, each
+    ``[start, kv_heads * head_dim]``: ``table`` is its block ids, ``layer_cache(layer)`` the layer's cache,
+    ``what`` opens the error when a layout cannot be read."""
+    width = stack.num_kv_heads * stack.head_dim
+
+    def read(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = layer_cache(layer)
+        problem = why_not_readable(cache, stack.isa(layer))
+        if problem:
+            raise RuntimeError(f"{what}: {problem}")
+        kv = cpu_paged_kv(cache)
+        k, v = kv.gather(table[: -(-start // kv.block_size)], start)
+        return k.transpose(0, 1).reshape(start, width), v.transpose(0, 1).reshape(start, width)
+
+    return read

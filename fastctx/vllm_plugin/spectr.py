@@ -255,23 +255,12 @@ class SpecTrProposer:
         return results
 
     def _prefix(self, row: int, start: int):
-        from fastctx.vllm_plugin.paged_kv import cpu_paged_kv, why_not_readable
+        from fastctx.vllm_plugin.paged_kv import prefix_reader
 
         stack = self.stack()
-        table = self.runner.input_batch.block_table[0].get_cpu_tensor()[row]
-        width = stack.num_kv_heads * stack.head_dim
-
-        def read(layer: int):
-            cache = stack.attention(layer).kv_cache
-            problem = why_not_readable(cache, stack.isa(layer))
-            if problem:
-                raise RuntimeError(f"SpecTr: cannot read the request's cached KV: {problem}")
-            kv = cpu_paged_kv(cache)
-            blocks = table[: -(-start // kv.block_size)]
-            k, v = kv.gather(blocks, start)
-            return k.transpose(0, 1).reshape(start, width), v.transpose(0, 1).reshape(start, width)
-
-        return read
+        return prefix_reader(stack, lambda layer: stack.attention(layer).kv_cache,
+                             self.runner.input_batch.block_table[0].get_cpu_tensor()[row], start,
+                             "SpecTr: cannot read the request's cached KV")
 
 
 class VerifiedDrafts(torch.nn.Module):
