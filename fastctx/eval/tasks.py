@@ -222,10 +222,11 @@ def generate_session(task: str, tokenizer, length: int, n_queries: int, seed: in
     spec = TASKS[task]
     minimum, guess = spec.units
 
+    sized = {"length": length} if "length" in inspect.signature(spec.generate).parameters else {}
+
     def build(units):
         rng = random.Random(f"{seed}:{task}:{length}:{index}")
-        sized = "length" in inspect.signature(spec.generate).parameters
-        return spec.generate(rng, units, n_queries, **({"length": length} if sized else {}))
+        return spec.generate(rng, units, n_queries, **sized)
 
     def fits(units):
         return _count(tokenizer, build(units)[0]) <= length

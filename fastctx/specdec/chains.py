@@ -20,7 +20,6 @@ from fastctx.specdec.kseq import kseq, kseq_greedy
 class Verdict:
     tokens: list[int]  # accepted draft tokens, then one token drawn from the target (residual or bonus)
     chain: int  # a chain that holds the accepted draft tokens (its KV can be kept)
-    depth_chains: list[int]  # how many chains were still candidates at each verified depth
 
     @property
     def accepted(self) -> int:
@@ -35,9 +34,7 @@ def verify_chains(drafts: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor,
     k, depth = drafts.shape
     alive = torch.arange(k)
     tokens: list[int] = []
-    counts: list[int] = []
     for t in range(depth):
-        counts.append(len(alive))
         lead = alive[0]  # the candidates share their prefix, so their p and q rows are the same
         cand = drafts[alive, t]
         if p is None:
@@ -46,10 +43,10 @@ def verify_chains(drafts: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor,
             tok, first = kseq(p[lead, t], q[lead, t], cand, generator)
         tokens.append(int(tok))
         if int(first) < 0:
-            return Verdict(tokens, int(lead), counts)
+            return Verdict(tokens, int(lead))
         alive = alive[cand == tok]
     lead = alive[0]
     last = q[lead, depth]
     bonus = last.argmax() if p is None else torch.multinomial(last.float(), 1, generator=generator)[0]
     tokens.append(int(bonus))
-    return Verdict(tokens, int(lead), counts)
+    return Verdict(tokens, int(lead))

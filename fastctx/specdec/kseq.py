@@ -36,7 +36,8 @@ def optimal_rho(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
         return lo
     p64, q64 = _on_support(p.double(), q.double())
     hi = torch.full_like(lo, float(k))
-    ok = lo * beta(p64, q64, lo) >= acceptance(beta(p64, q64, lo), k)
+    b1 = beta(p64, q64, lo)
+    ok = lo * b1 >= acceptance(b1, k)
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
         b = beta(p64, q64, mid)

@@ -3,8 +3,7 @@
 Chain c is ``[last, d_c1 .. d_cL]`` at positions ``start .. start + L``; each of its tokens attends
 to the cached prefix (positions ``< start``, handed over per layer by ``prefix``) and to the chain's
 own earlier tokens, never to another chain. Attention runs through fastctx's paged kernel with
-explicit query positions, one request per chain; the chains share the prefix's values but each
-gets its own copy of them in the kernel's buffer (a trie over chains would save those copies).
+explicit query positions, one request per chain; a request's chains share its prefix's blocks.
 """
 
 from __future__ import annotations

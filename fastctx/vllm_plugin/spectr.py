@@ -117,14 +117,11 @@ class SpecTrStats:
 
 class SpecTrProposer:
     def __init__(self, vllm_config):
-        from fastctx.specdec.hf_loop import NgramDraft
-
         self.params = SpecTrParams.from_config(vllm_config)
         self.depth = vllm_config.speculative_config.num_speculative_tokens - 1
         self.vocab = vllm_config.model_config.get_vocab_size()
-        self._ngram = NgramDraft
         self.gen = torch.Generator().manual_seed(self.params.seed)
-        self.drafts: dict[str, NgramDraft] = {}
+        self.drafts: dict = {}  # request id -> its NgramDraft
         self.stats = SpecTrStats()
         # The check (RPC fastctx_spectr_check): the target's logits behind each request's verified
         # tokens, compared with vLLM's logits for the same positions one step later.
@@ -232,14 +229,15 @@ class SpecTrProposer:
     def _verify(self, work: list[tuple]) -> list[list[int]]:
         """Draft each request's chains, score every chain of the batch in one pass, verify each request."""
         from fastctx.specdec.chains import verify_chains
-        from fastctx.specdec.hf_loop import _probs
+        from fastctx.specdec.hf_loop import NgramDraft, _probs
         from fastctx.specdec.score import Chains, score_batch
 
         drafted, batch = [], []
         for row, req_id, tokens, temperature, depth, k in work:
             # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
-            draft = self.drafts.setdefault(req_id, self._ngram(self.vocab, self.params.ngram_min,
-                                                                self.params.ngram_max))
+            draft = self.drafts.get(req_id)
+            if draft is None:
+                draft = self.drafts[req_id] = NgramDraft(self.vocab, self.params.ngram_min, self.params.ngram_max)
             drafts, p = draft.propose(tokens, k if temperature else 1, depth, temperature, self.gen)
             start = len(tokens) - 1  # the newest token has no KV yet; everything before it does
             drafted.append((drafts, p))
