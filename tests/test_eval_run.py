@@ -27,7 +27,8 @@ def engine_pids() -> set[int]:
     pids = set()
     for p in psutil.process_iter(["cmdline", "name"]):
         text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-        if "vllm.entrypoints.openai.api_server" in text or "VLLM" in text or "EngineCore" in text:
+        if any(mark in text for mark in ("vllm.entrypoints.openai.api_server", "VLLM", "EngineCore",
+                                         "sglang.launch_server", "sglang::")):
             pids.add(p.pid)
     return pids
 
@@ -51,10 +52,20 @@ def wait_for(predicate, proc, timeout=400):
         time.sleep(0.2)
 
 
-def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path, engine):
+    if engine == "sglang":
+        from fastctx.eval.client import ServerError
+        from fastctx.eval.server import sglang_python
+
+        try:
+            sglang_python()
+        except ServerError as exc:
+            pytest.skip(str(exc))
     before = engine_pids()
     out = tmp_path / "smoke"
-    proc = subprocess.run(eval_cmd(out, "--preset", "smoke"), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(eval_cmd(out, "--preset", "smoke", "--engine", engine), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_new_engine_processes(before)
     results = json.loads((out / "results.json").read_text())
@@ -77,6 +88,7 @@ def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir,
     assert later and all(r["cached_tokens"] > 2000 for r in later)
     report = (out / "report.md").read_text()
     assert "| minference |" in report and "Partial run" not in report
+    assert f"Engine **{'vLLM' if engine == 'vllm' else 'SGLang'}" in report
     assert (out / "score.png").read_bytes()[:4] == b"\x89PNG"
 
 

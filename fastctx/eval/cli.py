@@ -74,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--url", help="use this running OpenAI-compatible server (vLLM or SGLang) for the one "
                      "method given; fastctx-eval starts none")
     run.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
-                     help="extra vLLM server flag (repeat), e.g. --server-arg=--max-num-batched-tokens=512")
-    run.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per server")
+                     help="extra server flag (repeat), e.g. --server-arg=--max-num-batched-tokens=512")
+    run.add_argument("--engine", choices=["vllm", "sglang"], default="vllm",
+                     help="the engine every server runs (sglang: from SGLang's own environment, see README; "
+                          "`stock` is then its torch_native backend)")
+    run.add_argument("--kv-space-gib", type=int, default=2,
+                     help="KV cache per server: VLLM_CPU_KVCACHE_SPACE (vLLM), a token-pool cap (SGLang)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"],
                      help="engine dtype (default: the one stock vLLM is fastest at on this CPU: bfloat16 "
                      "with AVX512-BF16, else float32)")
@@ -99,6 +103,13 @@ def resolve(args) -> RunSpec:
         methods = {names[0].partition("=")[0]: None}
     else:
         methods = parse_methods(["dense", *names])
+    if args.engine == "sglang":
+        from fastctx.eval.server import uses_connector
+
+        vllm_only = [name for name, section in methods.items() if uses_connector(section)]
+        if vllm_only:
+            raise ValueError(f"{', '.join(vllm_only)}: CacheBlend's connector is a vLLM KV connector; run it "
+                             "with --engine vllm")
     tasks = _csv(pick["tasks"])
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -129,7 +140,7 @@ def resolve(args) -> RunSpec:
                    max_new_tokens=pick["max_new_tokens"], data_dir=args.data_dir,
                    text_positions=pick["text_positions"], replicas=args.replicas, url=args.url,
                    server_args=args.server_arg, kv_space_gib=args.kv_space_gib,
-                   request_timeout=args.request_timeout, dtype=args.dtype or _fast_dtype())
+                   request_timeout=args.request_timeout, dtype=args.dtype or _fast_dtype(), engine=args.engine)
 
 
 def _fast_dtype() -> str:
@@ -153,7 +164,8 @@ def check_run_dir(out: Path, spec) -> None:
     if not cfg_path.exists():
         return
     stored = json.loads(cfg_path.read_text())
-    old = _settings(stored.get("identity", {}), stored.get("methods", {}))
+    # Runs written before the engine was a setting ran vLLM.
+    old = _settings({"engine": "vllm", **stored.get("identity", {})}, stored.get("methods", {}))
     new = _settings(spec.identity(), spec.methods)
     diff = [k for k in new if k in old or not k.startswith("methods.")]
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff if old.get(k) != new[k]]

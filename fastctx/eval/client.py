@@ -96,6 +96,39 @@ def prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, ti
     return [{int(tok): entry["logprob"] for tok, entry in row.items()} for row in rows[max(start, 1):]]
 
 
+def sglang_prompt_logprobs(base_url: str, model: str, prompt: list[int], top_k: int, timeout: float,
+                           start: int = 0) -> list[dict[int, float]]:
+    """``prompt_logprobs`` from an SGLang server (its native ``/generate``). Its
+    ``input_top_logprobs`` entry j is the distribution that predicts prompt token
+    ``logprob_start_len + j``, except that entry 0 is always empty, so the range starts one
+    token early. The radix cache is flushed first so that the whole prompt is computed, as vLLM
+    computes prompt-logprob requests (it skips its prefix cache for them): a prefix cached by
+    an earlier request was computed in other chunks, and sparse methods estimate per chunk."""
+    _post(base_url + "/flush_cache", {}, timeout)
+    first = max(start, 1)
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+            "return_logprob": True, "logprob_start_len": first - 1, "top_logprobs_num": top_k}
+    meta = _post(base_url + "/generate", body, timeout).json()["meta_info"]
+    rows = []
+    for (own, tok, _), top in zip(meta["input_token_logprobs"][1:], meta["input_top_logprobs"][1:]):
+        row = {int(t): lp for lp, t, _ in top}
+        row[int(tok)] = own
+        rows.append(row)
+    return rows
+
+
+def sglang_density_counts(base_url: str, timeout: float = 30) -> dict | None:
+    """fastctx's cumulative density counts in an SGLang server (``/server_info``), in the shape of
+    ``fastctx_density``; None when its backend is not fastctx's."""
+    try:
+        reply = requests.get(base_url + "/server_info", timeout=timeout)
+    except requests.RequestException as exc:
+        raise ServerError(f"{base_url}/server_info: {exc}") from exc
+    if reply.status_code != 200:
+        raise ServerError(f"{base_url}/server_info: HTTP {reply.status_code}: {reply.text[:500]}")
+    return _sum_phases([row for state in reply.json().get("internal_states", []) for row in state.get("fastctx", [])])
+
+
 def _worker_rpc(base_url: str, method: str, timeout: float) -> list | None:
     """Each worker's answer to ``method`` (with "reset"), or None where the server has no such endpoint."""
     try:
@@ -113,9 +146,12 @@ def fastctx_density(base_url: str, timeout: float = 30) -> dict | None:
     """Query/key pairs the fastctx methods read since the last call (then reset): prefill pairs as
     ``read_pairs``/``causal_pairs``, decode pairs (when a decode method runs) as ``decode_*``.
     Needs a vLLM server with ``VLLM_SERVER_DEV_MODE=1`` and fastctx's worker; None for a server
-    without fastctx methods or without that endpoint (e.g. SGLang)."""
+    without fastctx methods or without that endpoint (SGLang: ``sglang_density_counts``)."""
     workers = _worker_rpc(base_url, "fastctx_density", timeout)
-    stats = [s for worker in workers or [] for s in (worker or [])]
+    return _sum_phases([s for worker in workers or [] for s in (worker or [])])
+
+
+def _sum_phases(stats: list[dict]) -> dict | None:
     if not stats:
         return None
     out = {}

@@ -118,6 +118,10 @@ def _add_speedups(methods: dict) -> None:
                 mine[f"speedup_vs_{base}"] = a / b if a and b else None
 
 
+# What `stock` is on each engine.
+ENGINE_NAMES = {"vllm": "vLLM (`stock`: its own CPU attention)", "sglang": "SGLang (`stock`: its torch_native backend)"}
+
+
 def _fmt(value, digits=3):
     if value is None:
         return "-"
@@ -130,7 +134,8 @@ def markdown(results: dict) -> str:
     cfg, methods = results["config"], results["methods"]
     tasks = list(dict.fromkeys(t for m in methods.values() for t in m["tasks"]))
     lines = ["# fastctx-eval report", "",
-             f"Model `{cfg.get('model')}`, mode **{cfg.get('mode')}**, {cfg.get('queries')} queries per context, "
+             f"Engine **{ENGINE_NAMES.get(cfg.get('engine', 'vllm'), cfg.get('engine'))}**, "
+             f"model `{cfg.get('model')}`, mode **{cfg.get('mode')}**, {cfg.get('queries')} queries per context, "
              f"{cfg.get('sessions')} context(s) per task and length, lengths {cfg.get('lengths')} tokens, "
              f"seed {cfg.get('seed')}.", ""]
     if cfg.get("partial", True):
@@ -162,7 +167,7 @@ def markdown(results: dict) -> str:
                      f"{_fmt(o['decode_tok_s'])} | {_fmt(o['prompt_tokens'])} | {_fmt(o['cached_tokens'])} | "
                      f"{_fmt(o['kv_usage_peak'])} | {_fmt(o['density'])} | {agree(fid.get('answer_span'))} | "
                      f"{agree(fid.get('natural_text'))} |")
-    lines += ["", "Density: share of causal (query, key) pairs fastctx's prefill read (`-`: stock vLLM). "
+    lines += ["", "Density: share of causal (query, key) pairs fastctx's prefill read (`-`: the stock engine). "
               "KV peak: the server's KV-cache usage (0-1) sampled after each request's prefill. "
               "Top-1 / KL: teacher-forced next-token agreement with dense and mean KL(dense || method) in nats, "
               "on the golden answer spans and on the last positions of Python standard-library source text "

@@ -16,9 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastctx.eval.client import ServerError, complete, fastctx_blend_stats, fastctx_density, prompt_logprobs
+from fastctx.eval.client import (
+    ServerError,
+    complete,
+    fastctx_blend_stats,
+    fastctx_density,
+    prompt_logprobs,
+    sglang_density_counts,
+    sglang_prompt_logprobs,
+)
 from fastctx.eval.prompts import prompt_ids, teacher_forced_ids
-from fastctx.eval.server import VllmServer, uses_connector
+from fastctx.eval.server import SERVERS, uses_connector
 from fastctx.eval.store import ResultStore
 from fastctx.eval.tasks import TASKS, Session, generate_session, load_scbench_sessions
 from fastctx.eval.texts import prompt_token_ids
@@ -38,7 +46,7 @@ def stop_requested() -> None:
 @dataclass
 class RunSpec:
     model: str
-    methods: dict  # name -> fastctx section (None: stock vLLM)
+    methods: dict  # name -> fastctx section (None: the stock engine)
     tasks: list[str]
     lengths: list[int]
     mode: str = "multi-turn"
@@ -55,11 +63,12 @@ class RunSpec:
     request_timeout: float = 600
     dtype: str = "float32"
     context_limit: int = 8192  # the model's context; set from its config
+    engine: str = "vllm"  # a key of fastctx.eval.server.SERVERS
 
     def identity(self) -> dict:
         """What the stored items mean: a rerun into the same directory must agree on these."""
         return {k: getattr(self, k) for k in ("model", "mode", "queries", "sessions", "seed",
-                                              "max_new_tokens", "data_dir", "text_positions", "dtype")}
+                                              "max_new_tokens", "data_dir", "text_positions", "dtype", "engine")}
 
 
 @dataclass
@@ -142,7 +151,7 @@ class Replica:
     def __init__(self, spec: RunSpec, method: str, out_dir: str, index: int = 0, cores: str | None = None,
                  emit: Callable[[dict, bool], None] | None = None):
         self.spec, self.method, self.index = spec, method, index
-        self.server = None if spec.url else VllmServer(
+        self.server = None if spec.url else SERVERS[spec.engine](
             spec.model, spec.methods[method], Path(out_dir) / "logs" / f"{method}.{index}.log",
             spec.context_limit, cores, spec.kv_space_gib, spec.server_args, spec.dtype)
         self.url = spec.url
@@ -195,21 +204,32 @@ class Replica:
         timeout = self.spec.request_timeout
         if item.kind == "request":
             blends = uses_connector(self.spec.methods.get(self.method))
-            fastctx_density(self.url)  # start the counts at this request
+            before = self._density()  # start the counts at this request
             if blends:
                 fastctx_blend_stats(self.url)
             out = complete(self.url, self.spec.model, item.prompt, item.max_tokens, timeout)
-            density = fastctx_density(self.url)
+            density = self._density(before)
             blend = fastctx_blend_stats(self.url) if blends else None
             score = TASKS[item.meta["task"]].score(out["text"], item.answer)
             self.emit({"kind": "request", "key": item.key, **item.meta, "replica": self.index, **out,
                        "answer": item.answer, "score": score, "density": density, "blend": blend,
                        "time": time.time()})
         else:
-            rows = prompt_logprobs(self.url, self.spec.model, item.prompt, TOP_K, timeout, start=item.start)
+            logprobs = sglang_prompt_logprobs if self.spec.engine == "sglang" else prompt_logprobs
+            rows = logprobs(self.url, self.spec.model, item.prompt, TOP_K, timeout, start=item.start)
             self.emit({"kind": item.kind, "key": item.key, **item.meta, "replica": self.index,
                        "targets": item.prompt[item.start:],
                        "logprobs": [{str(t): lp for t, lp in row.items()} for row in rows]}, True)
+
+    def _density(self, before: dict | None = None) -> dict | None:
+        """The pairs read since ``before`` (vLLM resets its counts on each read; SGLang's are
+        cumulative, so the runner subtracts)."""
+        if self.spec.engine != "sglang":
+            return fastctx_density(self.url)
+        now = sglang_density_counts(self.url)
+        if now is None or before is None:
+            return now
+        return {k: v - before.get(k, 0) for k, v in now.items()}
 
     def close(self) -> None:
         if self.server is not None:

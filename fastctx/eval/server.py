@@ -1,9 +1,12 @@
-"""Methods under test, and a vLLM OpenAI server started for one of them.
+"""Methods under test, and an engine's OpenAI server started for one of them.
 
-A method is a ``fastctx`` config section (None: stock vLLM, no fastctx backend); its
-``kv_transfer`` key, if any, is a ``--kv-transfer-config`` instead (CacheBlend's connector).
-The server runs in its own session (process group); :meth:`VllmServer.stop` ends the
-API server, the EngineCore and its workers, and checks that none of them is left.
+A method is a ``fastctx`` config section (None: the stock engine, no fastctx backend); its
+``kv_transfer`` key, if any, is a vLLM ``--kv-transfer-config`` instead (CacheBlend's
+connector). vLLM gets the section as ``--additional-config``; SGLang as
+``--attention-backend fastctx`` plus ``FASTCTX_SGLANG_CONFIG``, started from SGLang's
+own environment (``sglang_python``). The server runs in its own session (process group);
+:meth:`EngineServer.stop` ends the API server and every process it started (engine core,
+workers, scheduler, detokenizer), and checks that none of them is left.
 """
 
 from __future__ import annotations
@@ -98,8 +101,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class VllmServer:
-    """``python -m vllm.entrypoints.openai.api_server`` for one method, on a free port."""
+class EngineServer:
+    """An engine's HTTP server for one method, on a free port; subclasses say how to start it."""
+
+    engine: str
 
     def __init__(self, model: str, section: dict | None, log_path: Path, max_model_len: int,
                  cores: str | None = None, kv_space_gib: int = 2, extra_args: list[str] = (),
@@ -112,20 +117,13 @@ class VllmServer:
         self.url = ""
 
     def command(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--port", str(port), "--host", "127.0.0.1", "--dtype", self.dtype, "--enforce-eager",
-                "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
-                "--enable-prompt-tokens-details", "--max-logprobs", "20",
-                "--worker-extension-cls", "fastctx.vllm_plugin.worker.FastctxWorkerExtension",
-                *method_flags(self.section), *self.extra_args]
+        raise NotImplementedError
 
     def environment(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # Ray sets it to 1
-        env.update(VLLM_SERVER_DEV_MODE="1",  # POST /collective_rpc: the density counters
-                   VLLM_CPU_KVCACHE_SPACE=str(self.kv_space_gib),
-                   VLLM_CPU_OMP_THREADS_BIND=self.cores or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-                   or f"0-{os.cpu_count() - 1}")
-        return env
+        raise NotImplementedError
+
+    def _cores(self) -> str:
+        return self.cores or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or f"0-{os.cpu_count() - 1}"
 
     def start(self, timeout: float = 600) -> str:
         port = free_port()
@@ -190,3 +188,78 @@ class VllmServer:
         self.proc = None
         if family:
             raise ServerError(f"server processes {[p.pid for p in family]} survived SIGKILL")
+
+
+class VllmServer(EngineServer):
+    """``python -m vllm.entrypoints.openai.api_server`` in this interpreter."""
+
+    engine = "vllm"
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                "--port", str(port), "--host", "127.0.0.1", "--dtype", self.dtype, "--enforce-eager",
+                "--max-model-len", str(self.max_model_len), "--enable-prefix-caching",
+                "--enable-prompt-tokens-details", "--max-logprobs", "20",
+                "--worker-extension-cls", "fastctx.vllm_plugin.worker.FastctxWorkerExtension",
+                *method_flags(self.section), *self.extra_args]
+
+    def environment(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # Ray sets it to 1
+        env.update(VLLM_SERVER_DEV_MODE="1",  # POST /collective_rpc: the density counters
+                   VLLM_CPU_KVCACHE_SPACE=str(self.kv_space_gib), VLLM_CPU_OMP_THREADS_BIND=self._cores())
+        return env
+
+
+class SglangServer(EngineServer):
+    """``python -m sglang.launch_server`` on the CPU, from SGLang's environment (``sglang_python``).
+
+    ``kv_space_gib`` caps the token pool (``--max-total-tokens``) instead of a byte budget:
+    SGLang checks ``--mem-fraction-static`` against the machine's available memory, which
+    moves with other processes."""
+
+    engine = "sglang"
+
+    def command(self, port: int) -> list[str]:
+        from fastctx.sglang_plugin import BACKEND
+
+        if self.section and KV_TRANSFER in self.section:
+            raise ValueError("CacheBlend's connector is a vLLM KV connector; SGLang runs have no --kv-transfer-config")
+        backend = BACKEND if self.section else "torch_native"
+        command = [sglang_python(), "-m", "sglang.launch_server", "--model-path", self.model, "--port", str(port),
+                   "--host", "127.0.0.1", "--device", "cpu", "--dtype", self.dtype, "--attention-backend", backend,
+                   "--disable-cuda-graph", "--mem-fraction-static", "0.5", "--context-length", str(self.max_model_len),
+                   "--max-total-tokens", str(max(4 * self.max_model_len, 16384 * self.kv_space_gib)),
+                   # vLLM's CPU server default: sparse methods estimate per chunk, so both engines
+                   # chunk prompts alike.
+                   "--chunked-prefill-size", "2048",
+                   "--enable-cache-report", "--enable-metrics", *self.extra_args]
+        if self.section:
+            command += ["--fastctx-config", json.dumps(_fastctx_part(self.section))]
+        return command
+
+    def environment(self) -> dict:
+        from fastctx.sglang_plugin.settings import ENV
+
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", ENV)}
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        return env
+
+
+SERVERS = {cls.engine: cls for cls in (VllmServer, SglangServer)}
+
+
+def sglang_python() -> str:
+    """The interpreter that runs SGLang: ``FASTCTX_SGLANG_PYTHON``, else this one if it imports
+    sglang, else the ``.venv-sglang`` that ``make setup`` builds beside this checkout."""
+    explicit = os.environ.get("FASTCTX_SGLANG_PYTHON")
+    if explicit:
+        return explicit
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        return sys.executable
+    beside = Path(__file__).resolve().parents[2] / ".venv-sglang" / "bin" / "python"
+    if beside.exists():
+        return str(beside)
+    raise ServerError("SGLang is not installed here: run `make setup` (it builds .venv-sglang) or set "
+                      "FASTCTX_SGLANG_PYTHON to a Python that imports sglang")

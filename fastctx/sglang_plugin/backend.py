@@ -1,0 +1,137 @@
+"""fastctx attention backend for SGLang: translates metadata, nothing else.
+
+SGLang keeps every layer's K and V token-major (``[slots, kv_heads, head_dim]``)
+and maps (request row, position) to a slot through ``req_to_token``. With a page
+size of P, a run of P positions sits in P consecutive slots starting at a multiple
+of P, so the pool is a paged cache of ``[pages, kv_heads, P, head_dim]`` (a strided
+view, nothing copied) and ``req_to_token[row, ::P] // P`` is a block table. Each
+layer's extend (prefill chunks, with or without a radix-cached prefix) becomes a
+``fastctx.core.StepBatch`` for the engine's ``AttentionRuntime``; decodes stay on
+SGLang's ``torch_native`` kernel unless a decode method is configured.
+
+What this adapter does not translate (cross or encoder-only attention, sliding
+windows, Q/K and V of different head sizes, soft-capped logits) runs ``torch_native``,
+and the reason is logged once. Speculative verification and draft extends (tree masks,
+which fastctx's reads do not express) go there too, and ``torch_native`` cannot
+compute them either: SGLang's speculative algorithms need a tree-mask path first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.runtime_context import get_parallel
+
+from fastctx.core import AttentionRuntime, StepBatch
+from fastctx.kernels.paged import PagedKV
+from fastctx.methods import ModelShape
+from fastctx.sglang_plugin.settings import runtime_config
+
+logger = logging.getLogger(__name__)
+
+# Prefill chunks (with or without a cached prefix), chunked prefill mixed with decodes, decodes.
+TRANSLATED = (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE)
+# This process's runtimes (one per backend SGLang built), read by the state report.
+RUNTIMES: list[AttentionRuntime] = []
+
+
+class FastctxAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        config = runtime_config()
+        mc, tp = model_runner.model_config, get_parallel().attn_tp_size
+        self.shape = ModelShape(num_layers=mc.num_hidden_layers, num_heads=mc.get_num_attention_heads(tp),
+                                num_kv_heads=mc.get_num_kv_heads(tp), head_dim=mc.head_dim)
+        self.runtime = AttentionRuntime(config, self.shape)
+        RUNTIMES.append(self.runtime)
+        self.page_size = model_runner.page_size
+        self._step = None
+        self._logged: set[str] = set()
+        logger.info("fastctx attention: prefill %r, decode %r, config %s", config.attention, config.decode,
+                    config.as_dict())
+
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        mode = forward_batch.forward_mode
+        self._step = None
+        if mode.is_decode():
+            # A decode batch holds every running request, so any other request's state is stale
+            # (finished, or retracted and to be prefilled again).
+            rids = forward_batch.rids or []
+            self.runtime.free(set(self.runtime.states.live()) - set(rids))
+        if (mode not in TRANSLATED or self.use_sliding_window_kv_pool or forward_batch.encoder_lens is not None):
+            return
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        if mode.is_decode():
+            query_start, num_decodes = list(range(len(seq_lens) + 1)), len(seq_lens)
+        else:
+            q_lens = forward_batch.extend_seq_lens_cpu
+            query_start = [0]
+            for n in q_lens:
+                query_start.append(query_start[-1] + n)
+            num_decodes = 0
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+        table = (rows if self.page_size == 1 else rows[:, ::self.page_size] // self.page_size).to(torch.int32)
+        self._step = (query_start, seq_lens, num_decodes, table, forward_batch.rids)
+
+    def _why_not(self, layer, forward_batch) -> str | None:
+        if self._step is None:
+            mode = forward_batch.forward_mode
+            if mode not in TRANSLATED:
+                return f"forward mode {mode.name}"
+            return "encoder lengths or a sliding-window pool"
+        if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY:
+            return "non-causal attention"
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            return "sliding-window layers"
+        if layer.qk_head_dim != layer.v_head_dim:
+            return "different Q/K and V head sizes"
+        if layer.logit_cap:
+            return "logit soft-cap"
+        return None
+
+    def _fallback(self, why: str, layer) -> None:
+        if why not in self._logged:
+            self._logged.add(why)
+            logger.warning("fastctx: %s runs on torch_native (from layer %d on)", why, layer.layer_id)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        why = self._why_not(layer, forward_batch)
+        if why:
+            self._fallback(why, layer)
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        why = None if self.runtime.engine_decodes else self._why_not(layer, forward_batch)
+        if self.runtime.engine_decodes or why:
+            if why:
+                self._fallback(why, layer)
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache):
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc,
+                                                                  self.swa_out_cache_loc), k, v)
+        query_start, seq_lens, num_decodes, table, rids = self._step
+        heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+        query = q.reshape(-1, heads, dim)
+        out = torch.empty_like(query)
+        batch = StepBatch(query=query, kv=self._paged(layer.layer_id), block_table=table, query_start=query_start,
+                          seq_lens=seq_lens, num_decodes=num_decodes, request_ids=rids)
+        self.runtime.forward(batch, layer.layer_id, layer.scaling, out)
+        return out.view(-1, heads * dim)
+
+    def _paged(self, layer_id: int) -> PagedKV:
+        def pages(buf: torch.Tensor) -> torch.Tensor:
+            slots, kv_heads, dim = buf.shape
+            return buf.view(slots // self.page_size, self.page_size, kv_heads, dim).transpose(1, 2)
+
+        pool = self.token_to_kv_pool
+        return PagedKV(pages(pool.get_key_buffer(layer_id)), pages(pool.get_value_buffer(layer_id)))

@@ -1,0 +1,134 @@
+"""fastctx inside a real SGLang server on the CPU (started from SGLang's own environment).
+
+One server runs at a time: SGLang's ``torch_native`` backend first (the reference), then
+fastctx's backend with each method. Prompts of ~1000 tokens prefill in chunks of 512
+(``--chunked-prefill-size``), so later chunks attend to a cached prefix; a prompt that
+extends an earlier one hits the radix cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import requests
+
+from fastctx.eval.client import ServerError
+from fastctx.eval.server import SglangServer, sglang_python
+from tests.method_sections import DECODE_METHODS, FULL_BUDGET, PROMPTS, TEXT
+
+pytestmark = pytest.mark.engine
+
+MAX_NEW = 12
+EXTRA = ["--chunked-prefill-size", "512", "--random-seed", "0"]
+# Sent alone after PROMPTS[0]: its first 3000 characters are PROMPTS[0]'s, so its prefill starts
+# from the radix cache.
+PREFIX_HIT = PROMPTS[0][:3000] + TEXT[90000:90600]
+
+
+@pytest.fixture(scope="module")
+def sglang(model_dir, tmp_path_factory):
+    try:
+        sglang_python()
+    except ServerError as exc:
+        pytest.skip(str(exc))
+    logs = tmp_path_factory.mktemp("sglang")
+
+    @contextlib.contextmanager
+    def server(section, name, extra=()):
+        srv = SglangServer(model_dir, section, logs / f"{name}.log", max_model_len=4096,
+                           extra_args=[*EXTRA, *extra])
+        url = srv.start(timeout=300)
+        try:
+            yield url
+        finally:
+            srv.stop()
+    return server
+
+
+def generate(url: str, prompts: list[str]) -> list[dict]:
+    reply = requests.post(url + "/generate", timeout=600, json={
+        "text": prompts, "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW}})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def run(url: str) -> dict:
+    """Greedy tokens of a batch of PROMPTS, then of the prompt that hits the radix cache."""
+    batch = generate(url, PROMPTS)
+    hit = generate(url, [PREFIX_HIT])[0]
+    return {"batch": [o["output_ids"] for o in batch], "hit": hit["output_ids"],
+            "hit_cached": hit["meta_info"]["cached_tokens"]}
+
+
+def density(url: str) -> dict[str, dict]:
+    """The server's fastctx density counts since it started, per phase."""
+    states = requests.get(url + "/server_info", timeout=30).json()["internal_states"]
+    return {row["phase"]: row for state in states for row in state.get("fastctx", [])}
+
+
+@pytest.fixture(scope="module")
+def torch_native(sglang):
+    with sglang(None, "torch_native") as url:
+        return run(url)
+
+
+def test_dense_equals_torch_native_with_prefix_chunks_a_radix_hit_and_a_batch(sglang, torch_native):
+    with sglang({"attention": "dense"}, "dense") as url:
+        got = run(url)
+        counts = density(url)
+    assert got == torch_native
+    assert got["hit_cached"] >= 512  # the radix cache held PROMPTS[0]'s first chunks
+    prefill = counts["prefill"]
+    assert prefill["method"] == "dense" and prefill["density"] == 1.0
+    # Every prefill chunk of every layer went through fastctx: 30 layers x (the batch's chunks + the hit's).
+    assert prefill["dense_chunks"] >= 30 * (len(PROMPTS) + 1)
+
+
+def test_pages_of_16_are_read_in_place(sglang, torch_native):
+    """With --page-size 16 the pool is read as [pages, kv_heads, 16, head_dim] through a block table."""
+    with sglang({"attention": "dense", "decode": "dense"}, "dense_pages16", ["--page-size", "16"]) as url:
+        got = run(url)
+    assert got["batch"] == torch_native["batch"] and got["hit"] == torch_native["hit"]
+    assert got["hit_cached"] >= 512
+
+
+def test_dense_decode_through_fastctx_equals_torch_native(sglang, torch_native):
+    with sglang({"attention": "dense", "decode": "dense"}, "dense_decode") as url:
+        got = run(url)
+        decode = density(url)["decode"]
+    assert got == torch_native
+    # At least (MAX_NEW - 1) decode steps for each request, in every layer (SGLang's overlapped
+    # scheduler may run one more step before it sees a request finish).
+    assert decode["dense_chunks"] >= 30 * (MAX_NEW - 1) * (len(PROMPTS) + 1)
+
+
+@pytest.mark.parametrize("name", list(FULL_BUDGET))
+def test_full_budget_methods_equal_dense(sglang, torch_native, name):
+    with sglang(FULL_BUDGET[name], name) as url:
+        got = run(url)
+        counts = density(url)
+    assert got == torch_native
+    assert counts["prefill"]["density"] == 1.0
+    if name != "lserve":  # (lserve's prefill windows hold every key here, so it reads densely)
+        assert counts["prefill"]["sparse_chunks"] > 0
+    if name in DECODE_METHODS:
+        assert counts["decode"]["density"] == 1.0
+        assert counts["decode"]["dense_chunks"] + counts["decode"]["sparse_chunks"] > 0
+
+
+def test_a_bad_config_stops_the_launch_with_its_message(sglang, model_dir, tmp_path):
+    srv = SglangServer(model_dir, {"attention": "flexprefil"}, tmp_path / "bad.log", max_model_len=4096)
+    with pytest.raises(ServerError, match="attention='flexprefil' is not a fastctx prefill method"):
+        srv.start(timeout=300)
+    srv.stop()
+
+
+def test_the_server_names_its_fastctx_config(sglang):
+    with sglang({"attention": "streaming", "streaming": {"sink": 8, "local": 64}}, "streaming_small") as url:
+        generate(url, PROMPTS[:1])
+        prefill = density(url)["prefill"]
+    assert prefill["method"] == "streaming"
+    assert json.dumps(prefill["config"]["streaming"]) == '{"sink": 8, "local": 64}'
+    assert prefill["density"] < 0.3
