@@ -132,3 +132,12 @@ def test_the_server_names_its_fastctx_config(sglang):
     assert prefill["method"] == "streaming"
     assert json.dumps(prefill["config"]["streaming"]) == '{"sink": 8, "local": 64}'
     assert prefill["density"] < 0.3
+
+
+def test_speculative_decoding_is_refused_at_launch(sglang, model_dir, tmp_path):
+    """Its verification batches would reach torch_native, which cannot verify trees: refuse up front."""
+    srv = SglangServer(model_dir, {"attention": "dense"}, tmp_path / "spec.log", max_model_len=4096,
+                       extra_args=["--speculative-algorithm", "NGRAM"])
+    with pytest.raises(ServerError, match="has no speculative verification path"):
+        srv.start(timeout=300)
+    srv.stop()

@@ -56,8 +56,14 @@ def _take_flag(*args, **kwargs):
     # registration raises, which would hide it behind "invalid choice: 'fastctx'").
     if text:
         settings.set_config(text)
-    elif getattr(namespace, "attention_backend", None) == BACKEND:
+    uses_fastctx = BACKEND in {getattr(namespace, f, None) for f in
+                               ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
+    if uses_fastctx and not text:
         settings.runtime_config()
+    if uses_fastctx and getattr(namespace, "speculative_algorithm", None):
+        # Verification batches carry a tree mask; torch_native, where they would go, cannot compute them.
+        raise ValueError(f"--attention-backend {BACKEND} has no speculative verification path (tree masks) yet; "
+                         "drop --speculative-algorithm, or serve speculative decoding with another backend")
     return None
 
 

@@ -13,7 +13,7 @@ What this adapter does not translate (cross or encoder-only attention, sliding
 windows, Q/K and V of different head sizes, soft-capped logits) runs ``torch_native``,
 and the reason is logged once. Speculative verification and draft extends (tree masks,
 which fastctx's reads do not express) go there too, and ``torch_native`` cannot
-compute them either: SGLang's speculative algorithms need a tree-mask path first.
+compute them either: the plugin refuses ``--speculative-algorithm`` with this backend at launch.
 """
 
 from __future__ import annotations
