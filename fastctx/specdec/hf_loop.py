@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastctx.specdec.chains import verify_chains
+from fastctx.specdec.kseq import target_probs
 from fastctx.specdec.scylla import ScyllaPolicy
 
 
@@ -36,12 +37,6 @@ def layer_skip_draft(target, layers: int):
     if missing:
         raise ValueError(f"draft misses target weights: {missing[:3]}")
     return draft.eval()
-
-
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    return torch.softmax(logits.double() / temperature, -1)
 
 
 def _draw(probs: torch.Tensor, temperature: float, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +117,7 @@ class ModelDraft:
         for t in range(depth):
             logits = self.model(input_ids=last, past_key_values=self.cache, position_ids=torch.full((k, 1), n - 1 + t),
                                 use_cache=True).logits[:, -1]
-            p[:, t] = _probs(logits, temperature)
+            p[:, t] = target_probs(logits, temperature)
             drafts[:, t] = _draw(p[:, t], temperature, gen)
             last = drafts[:, t:t + 1]
         return drafts, p
@@ -204,7 +199,7 @@ class Request:
             self._feed(self.tokens[:-1])
 
     def plain_step(self, temperature: float, gen: torch.Generator) -> int:
-        self.tokens.append(int(_draw(_probs(self._feed(self.tokens[self.fed:]), temperature), temperature, gen)))
+        self.tokens.append(int(_draw(target_probs(self._feed(self.tokens[self.fed:]), temperature), temperature, gen)))
         return 1
 
     def spec_step(self, depth: int, k: int, temperature: float, gen: torch.Generator) -> int:
@@ -218,7 +213,7 @@ class Request:
         ids = torch.cat([torch.full((k, 1), self.tokens[-1]), drafts], 1)
         pos = torch.arange(n - 1, n + depth).expand(k, -1)
         logits = self.target(input_ids=ids, past_key_values=self.cache, position_ids=pos, use_cache=True).logits
-        verdict = verify_chains(drafts, p if temperature else None, _probs(logits, temperature), gen)
+        verdict = verify_chains(drafts, p if temperature else None, target_probs(logits, temperature), gen)
         # The target keeps the newest token and the accepted drafts of the winning chain.
         _keep(self.cache, verdict.chain, n + verdict.accepted)
         self.fed = n + verdict.accepted

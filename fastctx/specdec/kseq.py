@@ -20,6 +20,14 @@ import torch
 BISECTION_STEPS = 20  # the valid end is kept, so fewer steps cost acceptance (< 1e-5 of rho), never exactness
 
 
+def target_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The target distribution drafts are verified against (float64): softmax at ``temperature``,
+    or the argmax as a one-hot at temperature 0 (greedy, K-SEQ's special case)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    return torch.softmax(logits.double() / temperature, -1)
+
+
 def beta(p: torch.Tensor, q: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q / rho.unsqueeze(-1)).sum(-1)
 

@@ -229,7 +229,8 @@ class SpecTrProposer:
     def _verify(self, work: list[tuple]) -> list[list[int]]:
         """Draft each request's chains, score every chain of the batch in one pass, verify each request."""
         from fastctx.specdec.chains import verify_chains
-        from fastctx.specdec.hf_loop import NgramDraft, _probs
+        from fastctx.specdec.hf_loop import NgramDraft
+        from fastctx.specdec.kseq import target_probs
         from fastctx.specdec.score import Chains, score_batch
 
         drafted, batch = [], []
@@ -245,7 +246,7 @@ class SpecTrProposer:
         results = []
         for (_, req_id, _, temperature, _, _), (drafts, p), logits in zip(work, drafted,
                                                                            score_batch(self.stack(), batch)):
-            verdict = verify_chains(drafts, p if temperature else None, _probs(logits, temperature), self.gen)
+            verdict = verify_chains(drafts, p if temperature else None, target_probs(logits, temperature), self.gen)
             self.stats.add(len(verdict.tokens))
             if self.record:
                 self.recorded[req_id] = logits[verdict.chain, :len(verdict.tokens)].float()
