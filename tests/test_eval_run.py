@@ -53,15 +53,9 @@ def wait_for(predicate, proc, timeout=400):
 
 
 @pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path, engine):
+def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path, engine, request):
     if engine == "sglang":
-        from fastctx.eval.client import ServerError
-        from fastctx.eval.server import sglang_python
-
-        try:
-            sglang_python()
-        except ServerError as exc:
-            pytest.skip(str(exc))
+        request.getfixturevalue("sglang_available")
     before = engine_pids()
     out = tmp_path / "smoke"
     proc = subprocess.run(eval_cmd(out, "--preset", "smoke", "--engine", engine), capture_output=True, text=True,

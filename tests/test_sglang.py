@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from fastctx.eval.client import ServerError
-from fastctx.eval.server import SglangServer, sglang_python
+from fastctx.eval.server import SglangServer
 from tests.method_sections import DECODE_METHODS, FULL_BUDGET, PROMPTS, TEXT
 
 pytestmark = pytest.mark.engine
@@ -28,11 +28,7 @@ PREFIX_HIT = PROMPTS[0][:3000] + TEXT[90000:90600]
 
 
 @pytest.fixture(scope="module")
-def sglang(model_dir, tmp_path_factory):
-    try:
-        sglang_python()
-    except ServerError as exc:
-        pytest.skip(str(exc))
+def sglang(sglang_available, model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sglang")
 
     @contextlib.contextmanager

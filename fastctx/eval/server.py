@@ -3,8 +3,8 @@
 A method is a ``fastctx`` config section (None: the stock engine, no fastctx backend); its
 ``kv_transfer`` key, if any, is a vLLM ``--kv-transfer-config`` instead (CacheBlend's
 connector). vLLM gets the section as ``--additional-config``; SGLang as
-``--attention-backend fastctx`` plus ``FASTCTX_SGLANG_CONFIG``, started from SGLang's
-own environment (``sglang_python``). The server runs in its own session (process group);
+``--attention-backend fastctx --fastctx-config``, started from SGLang's own environment
+(``sglang_python``). The server runs in its own session (process group);
 :meth:`EngineServer.stop` ends the API server and every process it started (engine core,
 workers, scheduler, detokenizer), and checks that none of them is left.
 """
@@ -122,9 +122,6 @@ class EngineServer:
     def environment(self) -> dict:
         raise NotImplementedError
 
-    def _cores(self) -> str:
-        return self.cores or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or f"0-{os.cpu_count() - 1}"
-
     def start(self, timeout: float = 600) -> str:
         port = free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +203,9 @@ class VllmServer(EngineServer):
     def environment(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # Ray sets it to 1
         env.update(VLLM_SERVER_DEV_MODE="1",  # POST /collective_rpc: the density counters
-                   VLLM_CPU_KVCACHE_SPACE=str(self.kv_space_gib), VLLM_CPU_OMP_THREADS_BIND=self._cores())
+                   VLLM_CPU_KVCACHE_SPACE=str(self.kv_space_gib),
+                   VLLM_CPU_OMP_THREADS_BIND=self.cores or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+                   or f"0-{os.cpu_count() - 1}")
         return env
 
 

@@ -19,6 +19,7 @@ compute them either: the plugin refuses ``--speculative-algorithm`` with this ba
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
@@ -70,11 +71,7 @@ class FastctxAttnBackend(TorchNativeAttnBackend):
         if mode.is_decode():
             query_start, num_decodes = list(range(len(seq_lens) + 1)), len(seq_lens)
         else:
-            q_lens = forward_batch.extend_seq_lens_cpu
-            query_start = [0]
-            for n in q_lens:
-                query_start.append(query_start[-1] + n)
-            num_decodes = 0
+            query_start, num_decodes = [0, *accumulate(forward_batch.extend_seq_lens_cpu)], 0
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
         table = (rows if self.page_size == 1 else rows[:, ::self.page_size] // self.page_size).to(torch.int32)
         self._step = (query_start, seq_lens, num_decodes, table, forward_batch.rids)
