@@ -31,6 +31,34 @@ def serve_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args]
 
 
+# `fastctx sambay init` flag -> (Phi4Flash config key, type, help)
+INIT_FLAGS = {
+    "--layers": ("num_hidden_layers", int, "layers, a multiple of 4"),
+    "--hidden": ("hidden_size", int, "hidden size"),
+    "--intermediate": ("intermediate_size", int, "MLP inner size"),
+    "--heads": ("num_attention_heads", int, "query heads, even"),
+    "--kv-heads": ("num_key_value_heads", int, "KV heads, even"),
+    "--window": ("sliding_window", int, "self-decoder sliding window in tokens"),
+    "--d-state": ("mamba_d_state", int, "Mamba state size"),
+}
+
+
+def _sambay_init(args) -> int:
+    import torch
+
+    from fastctx.models.sambay.checkpoint import parameter_count, write_checkpoint
+
+    overrides = {key: getattr(args, key) for key, _, _ in INIT_FLAGS.values()}
+    try:
+        tokenizer = args.tokenizer or str(require_default_model())
+        config = write_checkpoint(args.out, tokenizer, seed=args.seed, dtype=getattr(torch, args.dtype), **overrides)
+    except (ModelPrepareError, ValueError, FileExistsError) as exc:
+        print(f"fastctx sambay init: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: SambaY, {config.num_hidden_layers} layers, {parameter_count(config) / 1e6:.1f}M parameters")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
@@ -69,7 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--tokens", type=int, default=2048, help="length of each calibration sample")
     cal.add_argument("--sink", type=int, default=128, help="sink tokens of the window scored (LServe decode: 128)")
     cal.add_argument("--local", type=int, default=256, help="local window scored (LServe decode: 256)")
+    sy = sub.add_parser("sambay", help="SambaY (Phi-4-mini-flash layout) tools").add_subparsers(
+        dest="action", required=True)
+    init = sy.add_parser("init", help="write a random-weight SambaY checkpoint (Phi4FlashForCausalLM format)")
+    init.add_argument("--out", required=True, help="checkpoint directory to create (must not exist)")
+    from fastctx.models.sambay.checkpoint import INIT_DEFAULTS
+
+    for flag, (key, kind, what) in INIT_FLAGS.items():
+        init.add_argument(flag, dest=key, type=kind, default=INIT_DEFAULTS[key], help=f"{what} (default: %(default)s)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    init.add_argument("--tokenizer", help="model directory whose tokenizer (and vocabulary size) to embed "
+                                          "(default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
+
+    if args.command == "sambay":
+        return _sambay_init(args)
 
     if args.command == "config-reference":
         from fastctx.config import config_reference

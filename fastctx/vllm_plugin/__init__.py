@@ -2,8 +2,9 @@
 
 ``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it in
 every process it starts (API server, EngineCore, workers), so it must be cheap
-and idempotent and must not change stock behaviour: fastctx only acts when the
-user selects it with ``--attention-backend CUSTOM``.
+and idempotent and must not change stock behaviour: fastctx's attention only
+acts when the user selects it with ``--attention-backend CUSTOM``. It also
+registers SambaY's ``Phi4FlashForCausalLM``, an architecture vLLM 0.32 lacks.
 
 The adapter passes vLLM-private kernel arguments and reads private metadata, so
 it is written for one vLLM minor version; on another it registers nothing and
@@ -15,6 +16,7 @@ from __future__ import annotations
 ATTENTION_BACKEND = "fastctx.vllm_plugin.attention.FastctxCPUAttentionBackend"
 WORKER_CLS = "fastctx.vllm_plugin.worker.FastctxCPUWorker"
 BLEND_CONNECTOR = "FastctxBlendConnector"
+SAMBAY_MODEL = "fastctx.vllm_plugin.sambay"
 SUPPORTED_VLLM = "0.32"
 
 _registered = False
@@ -51,4 +53,15 @@ def register() -> None:
     if BLEND_CONNECTOR not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(BLEND_CONNECTOR, "fastctx.vllm_plugin.blend_connector",
                                               "FastctxBlendConnector")
+    _register_sambay()
     _registered = True
+
+
+def _register_sambay() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from fastctx.models.sambay import ARCHITECTURE, MODEL_TYPE, Phi4FlashConfig
+
+    AutoConfig.register(MODEL_TYPE, Phi4FlashConfig, exist_ok=True)
+    ModelRegistry.register_model(ARCHITECTURE, f"{SAMBAY_MODEL}:{ARCHITECTURE}")

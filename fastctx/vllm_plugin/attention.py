@@ -89,12 +89,7 @@ class FastctxCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         # Decodes first (with speculative decoding: requests of up to 1 + k queries), so the
         # engine's kernel and decode methods get a contiguous decode sub-batch.
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
-        if self.isa not in READABLE_ISAS and self.isa == "amx" and self.block_size % 32 == 0:
-            # AMX pre-packs K/V tiles in a layout fastctx does not read; vLLM's "vec" layout holds
-            # bf16 as well, and its kernels read it.
-            logger.info_once("fastctx: KV cache in vLLM's 'vec' layout instead of 'amx' (readable in place)")
-            self.isa = "vec"
-            self._set_isa_to_layers(layer_names)
+        keep_vec_layout(self, layer_names)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -130,6 +125,15 @@ class FastctxCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.kv_cache_dtype != "auto":
             return f"kv_cache_dtype {self.kv_cache_dtype}"
         return None
+
+
+def keep_vec_layout(builder: CPUAttentionMetadataBuilder, layer_names) -> None:
+    """On AMX hosts vLLM pre-packs K/V tiles in a layout fastctx does not read; vLLM's "vec" layout holds
+    bf16 as well, and its kernels read it: use that one."""
+    if builder.isa not in READABLE_ISAS and builder.isa == "amx" and builder.block_size % 32 == 0:
+        logger.info_once("fastctx: KV cache in vLLM's 'vec' layout instead of 'amx' (readable in place)")
+        builder.isa = "vec"
+        builder._set_isa_to_layers(layer_names)
 
 
 def _count_step(prefill_q_lens, prefill_seq_lens, decode_tokens) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from fastctx.models.sambay.config import ARCHITECTURE as SAMBAY_ARCHITECTURE
+
 # The model this worker process loaded: stock vLLM never hands it to a KV connector, and
 # CacheBlend's connector runs its layers.
 _loaded_model = None
@@ -42,6 +44,13 @@ class FastctxWorkerExtension:
         the string "reset" over HTTP, which carries only strings) starts the counts afresh."""
         runtime = getattr(self, "fastctx_runtime", None)
         return runtime.density(reset=reset in (True, "reset")) if runtime is not None else []
+
+    def fastctx_kv_footprint(self, seq_len: int | str) -> dict:
+        """What this engine's KV cache holds for one sequence of ``seq_len`` tokens
+        (``fastctx.vllm_plugin.kv_footprint``)."""
+        from fastctx.vllm_plugin.kv_footprint import kv_footprint
+
+        return kv_footprint(self.get_kv_cache_spec(), int(seq_len))
 
     def fastctx_live_requests(self) -> list[str]:
         """Requests holding per-request method state in this worker."""
@@ -100,6 +109,10 @@ class FastctxCPUWorker(CPUWorker, FastctxWorkerExtension):
         if isinstance(drafter, SpecTrProposer):
             drafter.attach(self.model_runner)
         self.fastctx_runtime = bind_attention_layers(self.vllm_config, self.model_runner)
+        if self.fastctx_runtime is None and self.vllm_config.model_config.architecture == SAMBAY_ARCHITECTURE:
+            from fastctx.vllm_plugin.sambay import bind_full_attention_layer
+
+            self.fastctx_runtime = bind_full_attention_layer(self.vllm_config, self.model_runner)
         return result
 
     def execute_model(self, scheduler_output, *args, **kwargs):

@@ -1,0 +1,1 @@
+"""Model architectures fastctx serves through the engines' model registries."""
