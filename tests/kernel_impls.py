@@ -34,6 +34,7 @@ def _interpreted():
 
 with _interpreted():  # TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions
     sparse_triton = importlib.import_module("fastctx.kernels.sparse_triton")
+    mamba_triton = importlib.import_module("fastctx.kernels.mamba_triton")
 
 
 def run_triton(fn, *args, **kwargs):

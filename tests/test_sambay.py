@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from fastctx.cli import main as fastctx_main
 from fastctx.kernels.diff_attention import differential_attention, lambda_init, visible_mask
-from fastctx.kernels.mamba import causal_conv1d, causal_conv1d_step, selective_scan, selective_scan_step
+from fastctx.kernels.mamba import (
+    causal_conv1d,
+    causal_conv1d_step,
+    selective_scan,
+    selective_scan_reference,
+    selective_scan_step,
+)
 from fastctx.models.sambay.checkpoint import _init_weights, parameter_count, write_checkpoint
 from fastctx.models.sambay.config import Phi4FlashConfig, layer_kinds
 from fastctx.models.sambay.reference import SambaYForCausalLM
@@ -76,11 +82,42 @@ def _scan_inputs(T=9, channels=5, n=3, seed=0):
 
 
 @pytest.mark.parametrize("chunk", [256, 4])  # the default, and buffers smaller than the sequence
-def test_selective_scan_matches_the_recurrence_written_out(monkeypatch, chunk):
+def test_selective_scan_reference_matches_the_recurrence_written_out(monkeypatch, chunk):
     monkeypatch.setattr("fastctx.kernels.mamba.SCAN_CHUNK", chunk)
     args = _scan_inputs()
-    y, _ = selective_scan(*args)
+    y, _ = selective_scan_reference(*args)
     torch.testing.assert_close(y.double(), _naive_scan(*[a.double() for a in args]), atol=1e-5, rtol=1e-5)
+
+
+def _scan_cpp(x, delta, A, B, C, D, state):
+    return selective_scan(x, delta, A, B, C, D, state)  # CPU tensors: the C++ kernel
+
+
+def _scan_triton(x, delta, A, B, C, D, state):
+    from tests.kernel_impls import mamba_triton, run_triton
+
+    h = (torch.zeros(A.shape) if state is None else state.float().clone()).contiguous()
+    args = [t.float().contiguous() for t in (x, delta, A, B, C, D)]
+    return run_triton(mamba_triton.selective_scan_triton, *args, h).to(x.dtype), h
+
+
+@pytest.mark.parametrize("impl", [_scan_cpp, _scan_triton], ids=["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, channels, n, with_state", [(1, 5, 4, True), (37, 70, 16, False), (300, 33, 16, True),
+                                                        (9, 130, 3, True)])
+def test_selective_scan_kernels_match_the_reference(impl, dtype, T, channels, n, with_state):
+    x, delta, A, B, C, D = _scan_inputs(T=T, channels=channels, n=n, seed=T)
+    x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
+    state = torch.randn(channels, n) if with_state else None
+    before = None if state is None else state.clone()
+    want_y, want_h = selective_scan_reference(x, delta, A, B, C, D, state)
+    y, h = impl(x, delta, A, B, C, D, state)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), want_y.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(h, want_h, atol=1e-5, rtol=1e-5)
+    if state is not None:
+        assert torch.equal(state, before)  # the caller's state is left as it was
 
 
 def test_scan_in_chunks_and_steps_equals_the_whole_sequence():

@@ -16,7 +16,8 @@ import os
 import platform
 from pathlib import Path
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("attention_cpu.cpp", "lserve_cpu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("attention_cpu.cpp", "lserve_cpu.cpp", "mamba_cpu.cpp")]
 
 
 def cpu_flags() -> list[str]:

@@ -5,8 +5,9 @@ processed whole, in chunks, or one token at a time (decode) with the same
 result. Tensors are token-major: ``x`` is ``[tokens, channels]``. The scan runs
 in float32 whatever the input dtype, as the reference CUDA kernel does.
 
-These are the plain PyTorch reference; engines call them through the same
-functions until a C++/Triton path is checked against them.
+``selective_scan`` dispatches to a C++ kernel on CPU and a Triton kernel on
+CUDA, both checked against ``selective_scan_reference``; the conv and the
+one-token steps are a few tensor ops each and stay in PyTorch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def selective_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan (contract of ``selective_scan_reference``) on the C++ kernel for CPU tensors, the Triton
+    kernel for CUDA tensors, the reference elsewhere. Inputs are taken in float32."""
+    if x.device.type not in ("cpu", "cuda"):
+        return selective_scan_reference(x, delta, A, B, C, D, state)
+    h = (torch.zeros(A.shape, device=x.device) if state is None else state.float().clone()).contiguous()
+    args = [t.float().contiguous() for t in (x, delta, A, B, C, D)]
+    if x.device.type == "cpu":
+        from fastctx.kernels._cpu_ext import cpu_ops
+
+        y = cpu_ops().selective_scan(*args, h)
+    else:
+        from fastctx.kernels.mamba_triton import selective_scan_triton
+
+        y = selective_scan_triton(*args, h)
+    return y.to(x.dtype), h
+
+
+def selective_scan_reference(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor,
+                             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-1 recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t``, ``y_t = h_t C_t + D x_t``.
 
     ``x, delta [T, C]`` (delta after softplus), ``A [C, N]`` (negative), ``B, C [T, N]`` shared by all

@@ -1578,9 +1578,11 @@ std::string kernel_path(torch::ScalarType dtype, int64_t dim, bool allow_micro) 
 }
 
 void register_lserve(pybind11::module& m);  // lserve_cpu.cpp
+void register_mamba(pybind11::module& m);   // mamba_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_lserve(m);
+  register_mamba(m);
   m.def("kernel_path", &kernel_path, "the inner path paged_attention takes for a dtype and head_dim");
   m.def("paged_attention", &paged_attention, "causal attention over a paged KV cache, dense/window/index per request (CPU)");
   m.def("last_query_sums", &last_query_sums, "column and diagonal attention mass of a chunk's last queries (CPU)");

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastctx.kernels.diff_attention import differential_attention, lambda_full, lambda_init
-from fastctx.kernels.mamba import causal_conv1d, selective_scan
+from fastctx.kernels.mamba import causal_conv1d, selective_scan_reference
 from fastctx.models.sambay.config import CROSS, FULL, GMU, MAMBA, SLIDING, Phi4FlashConfig, layer_kinds
 
 
@@ -52,7 +52,7 @@ class Mamba(nn.Module):
         xs, _ = causal_conv1d(xs, self.conv1d.weight[:, 0], self.conv1d.bias)
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))
-        y, _ = selective_scan(xs, delta, -torch.exp(self.A_log.float()), B, C, self.D)
+        y, _ = selective_scan_reference(xs, delta, -torch.exp(self.A_log.float()), B, C, self.D)
         return self.out_proj(y * F.silu(z)), y
 
 
