@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastctx-installed
 
-.PHONY: setup install sglang model kernels redis test test-fast lint demo bench clean
+.PHONY: setup install sglang model kernels redis test test-fast lint demo bench clean gpu-wheels
 
 setup: install sglang model kernels redis
 
@@ -68,6 +68,10 @@ test-fast: install kernels redis
 # Everything: the fast tests, then those that need the model and real vLLM engines.
 test: setup test-fast
 	$(PY) -m pytest -q -m "engine or model" tests
+
+# pytest's wheels for benchmarks/gpu/check.sh on a GPU machine without network (carry .gpu-wheels).
+gpu-wheels: install
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --dest .gpu-wheels pytest
 
 lint: install
 	$(VENV)/bin/ruff check fastctx tests benchmarks support

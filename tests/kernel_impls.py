@@ -1,7 +1,8 @@
 """Implementations of each kernel op under test, and the tolerances they are held to (one place).
 
-Triton kernels run under Triton's CPU interpreter where no GPU is present, without
-leaking TRITON_INTERPRET into the rest of the session (engines must not see it).
+Triton kernels run natively where a GPU is present (``benchmarks/gpu/check.sh``) and under
+Triton's CPU interpreter elsewhere, without leaking TRITON_INTERPRET into the rest of the session
+(engines must not see it).
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ with _interpreted():  # TRITON_INTERPRET=1 at import time makes @triton.jit buil
 
 
 def run_triton(fn, *args, **kwargs):
-    """Call a Triton entry point (Triton also reads the variable while an interpreted kernel runs)."""
-    with _interpreted():
-        return fn(*args, **kwargs)
+    """Call a Triton entry point on the test's CPU tensors: natively on a GPU when there is one (tensors
+    moved there and back, arguments the kernel updated in place included), else under the interpreter
+    (Triton also reads the variable while an interpreted kernel runs)."""
+    if not torch.cuda.is_available():
+        with _interpreted():
+            return fn(*args, **kwargs)
+    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    result = fn(*moved, **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    for original, copy in zip(args, moved):
+        if isinstance(original, torch.Tensor):
+            original.copy_(copy)
+    return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
 
 
 def paged_copy(seqs: list[tuple[torch.Tensor, torch.Tensor]], layout: str, block_size: int, seed: int = 0):

@@ -5,7 +5,9 @@
 2. Speed: one layer of Llama-3-8B-shaped attention (32 query / 8 KV heads,
    head_dim 128, bf16) at 32K-128K tokens, vertical-slash index at ~5% and
    ~10% density, against dense causal SDPA (FlashAttention backend) and,
-   when installed, flash_attn's own kernel. Prints a table, then one JSON line.
+   when installed, flash_attn's own kernel; efficiency = speedup x density.
+3. The Triton last-query sums against their reference at 32K keys.
+Prints a table, then one JSON line.
 
     python benchmarks/gpu/sparse_attention_gpu.py --quick   # 32K only
 """
@@ -24,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparse_attention import synthetic_vertical_slash  # noqa: E402
 
+from fastctx.kernels.estimation import reference_last_query_sums  # noqa: E402
 from fastctx.kernels.sparse import reference_sparse_rows, streaming_index  # noqa: E402
-from fastctx.kernels.sparse_triton import sparse_prefill_attention_triton  # noqa: E402
+from fastctx.kernels.sparse_triton import last_query_sums_triton, sparse_prefill_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 
@@ -57,6 +60,16 @@ def check(n=4096) -> float:
     return worst
 
 
+def check_last_query_sums(n=32768, last_q=64) -> float:
+    """Largest error of the Triton last-query column/diagonal sums against the reference (bf16 inputs)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(HEADS, last_q, DIM, generator=g).bfloat16()
+    k = torch.randn(KV_HEADS, n, DIM, generator=g).bfloat16()
+    got = last_query_sums_triton(q.cuda(), k.cuda(), n - last_q, last_q)
+    want = reference_last_query_sums(q.float(), k.float(), n - last_q, last_q)
+    return max((a.cpu() - b).abs().max().item() for a, b in zip(got, want))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -66,7 +79,9 @@ def main(argv=None) -> dict:
     if args.quick:
         args.tokens = [32768]
     err = check()
-    print(f"{torch.cuda.get_device_name()}  triton-vs-reference max abs err (bf16): {err:.2e}", flush=True)
+    sums_err = check_last_query_sums()
+    print(f"{torch.cuda.get_device_name()}  triton-vs-reference max abs err (bf16): sparse prefill {err:.2e}, "
+          f"last-query sums {sums_err:.2e}", flush=True)
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -87,10 +102,12 @@ def main(argv=None) -> dict:
             sparse = cuda_ms(lambda: sparse_prefill_attention_triton(q, k, v, index=index))
             row = {"seq_len": n, "density": round(index.density(), 4), "sdpa_ms": round(sdpa, 2),
                    "flash_attn_ms": None if fa is None else round(fa, 2), "triton_sparse_ms": round(sparse, 2),
-                   "speedup_vs_sdpa": round(sdpa / sparse, 2)}
+                   "speedup_vs_sdpa": round(sdpa / sparse, 2),
+                   "efficiency": round(sdpa / sparse * index.density(), 3)}
             rows.append(row)
             print(row, flush=True)
-    result = {"device": torch.cuda.get_device_name(), "max_abs_err_bf16": err, "rows": rows}
+    result = {"device": torch.cuda.get_device_name(), "max_abs_err_bf16": err,
+              "last_query_sums_max_abs_err": sums_err, "rows": rows}
     print(json.dumps(result))
     return result
 
