@@ -36,6 +36,7 @@ def _interpreted():
 with _interpreted():  # TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions
     sparse_triton = importlib.import_module("fastctx.kernels.sparse_triton")
     mamba_triton = importlib.import_module("fastctx.kernels.mamba_triton")
+    paged_triton = importlib.import_module("fastctx.kernels.paged_triton")
 
 
 def run_triton(fn, *args, **kwargs):
@@ -45,12 +46,25 @@ def run_triton(fn, *args, **kwargs):
     if not torch.cuda.is_available():
         with _interpreted():
             return fn(*args, **kwargs)
-    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    result = fn(*moved, **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    moved = [_to_cuda(a) for a in args]
+    result = fn(*moved, **{k: _to_cuda(v) for k, v in kwargs.items()})
     for original, copy in zip(args, moved):
         if isinstance(original, torch.Tensor):
             original.copy_(copy)
     return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+
+def _to_cuda(a):
+    if isinstance(a, PagedKV):
+        return PagedKV(a.key.cuda(), a.value.cuda())
+    return a.cuda() if isinstance(a, torch.Tensor) else a
+
+
+def triton_paged_attention(query, kv, table, query_start, seq_lens, reads, *, scale):
+    """The Triton batch kernel under ``paged_attention``'s test signature."""
+    out = torch.zeros_like(query)
+    return paged_triton.paged_attention_triton(query, kv, table, query_start, seq_lens, reads, scale=scale,
+                                               out=out)
 
 
 def paged_copy(seqs: list[tuple[torch.Tensor, torch.Tensor]], layout: str, block_size: int, seed: int = 0):

@@ -21,7 +21,7 @@ from fastctx.kernels.sparse import (
     streaming_index,
 )
 from tests.helpers import INDEXES, random_qkv, random_vs_index
-from tests.kernel_impls import TOL, paged_copy, run_triton, sparse_triton
+from tests.kernel_impls import TOL, paged_copy, run_triton, sparse_triton, triton_paged_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GQA = {"gqa9x3": (9, 3), "mha4": (4, 4), "mqa8": (8, 1)}
@@ -148,7 +148,8 @@ READ_MIXES = {
 }
 
 
-PAGED_IMPLS = {"cpp": paged_attention, "cpp-sgemm": _sgemm_path(paged_attention)}
+PAGED_IMPLS = {"cpp": paged_attention, "cpp-sgemm": _sgemm_path(paged_attention),
+               "triton": lambda *a, **kw: run_triton(triton_paged_attention, *a, **kw)}
 
 
 @pytest.mark.parametrize("impl", PAGED_IMPLS)

@@ -190,10 +190,16 @@ def _check_batch(query, kv, block_table, query_start, seq_lens, reads, positions
 def paged_attention(query: torch.Tensor, kv: PagedKV, block_table: torch.Tensor, query_start: Sequence[int],
                     seq_lens: Sequence[int], reads: Sequence[Read], *, scale: float,
                     positions: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Writes every non-skipped request's attention into ``out`` (``[T, H, D]``, allocated if None)."""
+    """Writes every non-skipped request's attention into ``out`` (``[T, H, D]``, allocated if None): the C++
+    kernel on CPU, the Triton kernel (``paged_triton``) on CUDA, the reference otherwise."""
     query_start, seq_lens = list(query_start), list(seq_lens)
     _check_batch(query, kv, block_table, query_start, seq_lens, reads, positions)
     out = torch.zeros_like(query) if out is None else out
+    if query.is_cuda:
+        from fastctx.kernels.paged_triton import paged_attention_triton, why_not_triton_paged
+
+        if why_not_triton_paged(query, reads, positions) is None:
+            return paged_attention_triton(query, kv, block_table, query_start, seq_lens, reads, scale=scale, out=out)
     if why_not_cpu(query, kv) is not None:
         return reference_paged_attention(query, kv, block_table, query_start, seq_lens, reads, scale=scale,
                                          positions=positions, out=out)

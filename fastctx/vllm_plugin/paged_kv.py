@@ -37,6 +37,15 @@ def cpu_paged_kv(kv_cache: torch.Tensor) -> PagedKV:
     return PagedKV(key, value)
 
 
+def cuda_paged_kv(kv_cache: torch.Tensor) -> PagedKV:
+    """vLLM's CUDA (FlashAttention) cache of one layer, read in place: logically ``[blocks, kv_heads,
+    block_size, 2 * head_dim]`` in the layer's stride order (``LBNHC`` for FlashAttention: tokens outer,
+    heads inner within a block), K in the first half of the last axis and V in the second, as vLLM's
+    ``do_kv_cache_update`` splits it."""
+    dim = kv_cache.shape[-1] // 2
+    return PagedKV(kv_cache[..., :dim], kv_cache[..., dim:])
+
+
 def prefix_reader(stack, layer_cache: Callable[[int], torch.Tensor], table: torch.Tensor, start: int,
                   what: str) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, a copy of a sequence's first ``start`` K and V in vLLM's paged cache, each
