@@ -184,6 +184,15 @@ def test_paged_attention_split_keys_for_few_items(impl, dim, dtype):
         _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("impl", PAGED_IMPLS)
+def test_paged_attention_window_with_more_sinks_than_keys(impl):
+    """A sink longer than the context reads every key and nothing past the request's blocks."""
+    query, seqs, qs, seq_lens = _batch(4, 2, 64, torch.float32)
+    kv, table = paged_copy(seqs[4:], "token_major", block_size=16)
+    args = (query[qs[4]:], kv, table, [0, 3], [40], [Read.window(64, 2)])
+    _close(PAGED_IMPLS[impl](*args, scale=0.125), reference_paged_attention(*args, scale=0.125), torch.float32)
+
+
 def test_paged_attention_explicit_positions_equal_dense_rows():
     query, seqs, qs, seq_lens = _batch(9, 3, 64, torch.float32)
     kv, table = paged_copy(seqs[2:3], "vllm_cpu", block_size=32)

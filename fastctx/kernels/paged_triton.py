@@ -82,7 +82,7 @@ def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, gr
         elif MODE == 1:
             band = tl.maximum(sink, first_pos + r * BLOCK_M - local + 1)
             start = tl.where(x == 0, 0, band)
-            end = tl.where(x == 0, tl.minimum(sink, band), last_visible)
+            end = tl.where(x == 0, tl.minimum(tl.minimum(sink, band), last_visible), last_visible)
         else:
             start = 0
             end = last_visible
