@@ -12,6 +12,7 @@ The last line printed is one JSON object.
 
     python benchmarks/sambay_decode.py --quick            # 2K prompt, 256 new tokens, batch 4, 2 rounds
     python benchmarks/sambay_decode.py --context 4096 --new-tokens 512 --batch 8
+    python benchmarks/sambay_decode.py --quick --ttft      # also one prompt's time to first token
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from decode_tps import decode_run, prompts  # noqa: E402  (benchmarks/ is on sys.path)
@@ -38,6 +40,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", help="engine dtype (default: the one stock vLLM is fastest at on this CPU)")
     parser.add_argument("--sambay", help="SambaY checkpoint (default: a fresh `fastctx sambay init` one)")
     parser.add_argument("--threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for both engines (default: all cores)")
+    parser.add_argument("--ttft", action="store_true",
+                        help="also time one prompt's prefill (first token), with a third engine: SambaY with "
+                             "--kv-sharing-fast-prefill (prompt tokens skip the cross-decoder)")
     args = parser.parse_args(argv)
     if args.quick:
         args.context, args.new_tokens, args.batch, args.reps = 2048, 256, 4, 2
@@ -65,6 +70,8 @@ def main(argv=None) -> dict:
                       seed=0, max_num_seqs=max(args.batch, 8),
                       worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
         engines = {"transformer": LLM(model=transformer, **common), "sambay": LLM(model=sambay, **common)}
+        if args.ttft:
+            fast = LLM(model=sambay, kv_sharing_fast_prefill=True, **common)
         for llm in engines.values():  # warm-up: first-call allocations, thread pools
             decode_run(llm, [ids[:256] for ids in batch[:1]], 8)
         tps = {name: [] for name in engines}
@@ -72,6 +79,15 @@ def main(argv=None) -> dict:
             for name, llm in engines.items():
                 tps[name].append(decode_run(llm, batch, args.new_tokens)[0])
         kv = {name: engine_kv_footprint(llm, seq_len) for name, llm in engines.items()}
+        ttfts = {}
+        if args.ttft:
+            timed = {**engines, "sambay_fast_prefill": fast}
+            ttft(fast, batch[0][:256], 1)  # warm-up
+            samples = {name: [] for name in timed}
+            for _ in range(args.reps):  # engines take turns
+                for name, llm in timed.items():
+                    samples[name].append(ttft(llm, batch[0], 1))
+            ttfts = {name: min(times) for name, times in samples.items()}
         params = {"transformer": checkpoint_parameters(transformer), "sambay": checkpoint_parameters(sambay)}
     result = {"context_tokens": args.context, "new_tokens": args.new_tokens, "batch": args.batch, "reps": args.reps,
               "dtype": args.dtype, "threads_bind": threads, **machine(),
@@ -79,11 +95,28 @@ def main(argv=None) -> dict:
     for name in engines:
         result[f"decode_tps_{name}"] = round(statistics.median(tps[name]), 2)
         print(f"{name:>12}: decode tok/s per round {[round(t, 2) for t in tps[name]]}", flush=True)
+    for name, seconds in ttfts.items():
+        result[f"ttft_s_{name}"] = round(seconds, 3)
+        if name != "transformer":
+            result[f"ttft_speedup_{name}_vs_transformer"] = round(ttfts["transformer"] / seconds, 3)
     result["decode_tps_ratio_vs_transformer"] = round(result["decode_tps_sambay"] / result["decode_tps_transformer"], 3)
     kv_ratio = kv["sambay"]["bytes_per_token"] / kv["transformer"]["bytes_per_token"]
     result["kv_bytes_per_token_ratio"] = round(kv_ratio, 4)
     print(json.dumps(result))
     return result
+
+
+def ttft(llm, ids: list[int], reps: int) -> float:
+    """Best time to the first token of one prompt (prefix caching is off: every run prefills)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def checkpoint_parameters(path: str) -> int:
