@@ -11,23 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from fastctx.kernels.mamba import selective_scan, selective_scan_reference
 
-from engines import machine  # noqa: E402  (benchmarks/ is on sys.path)
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from attention_kernels import best_ms  # noqa: E402  (benchmarks/ is on sys.path)
+from engines import machine  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -44,8 +34,8 @@ def main(argv=None) -> dict:
     T, ch, n = args.tokens, args.channels, args.state
     inputs = (torch.randn(T, ch, generator=g), torch.rand(T, ch, generator=g) * 0.1, -torch.rand(ch, n, generator=g),
               torch.randn(T, n, generator=g), torch.randn(T, n, generator=g), torch.randn(ch, generator=g))
-    ref_s = best_of(lambda: selective_scan_reference(*inputs), args.reps)
-    cpp_s = best_of(lambda: selective_scan(*inputs), args.reps)
+    ref_s = best_ms(lambda: selective_scan_reference(*inputs), args.reps) / 1e3
+    cpp_s = best_ms(lambda: selective_scan(*inputs), args.reps) / 1e3
     err = (selective_scan(*inputs)[0] - selective_scan_reference(*inputs)[0]).abs().max().item()
     result = {"tokens": T, "channels": ch, "state": n, "threads": torch.get_num_threads(), **machine(),
               "reference_ms": round(ref_s * 1e3, 2), "cpp_ms": round(cpp_s * 1e3, 2),

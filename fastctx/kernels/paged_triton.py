@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastctx.kernels.paged import PagedKV
+from fastctx.kernels.sparse_triton import fold_tile
 
 DENSE, WINDOW, INDEX = 0, 1, 2
 
@@ -29,20 +30,6 @@ def _rows(base, table, kpos, ok, BS, sb, st, sd, dims, dim_ok):
     blk = tl.load(table + kpos // BS, mask=ok, other=0).to(tl.int64)
     ptr = base + blk[:, None] * sb + (kpos % BS).to(tl.int64)[:, None] * st + dims[None, :] * sd
     return tl.load(ptr, mask=ok[:, None] & dim_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
-    if DOT_F32:
-        q = q.to(tl.float32)
-        k_tile = k_tile.to(tl.float32)
-        v_tile = v_tile.to(tl.float32)
-    s = tl.where(ok, tl.dot(q, tl.trans(k_tile)) * scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    corr = tl.exp(m_i - m_safe)
-    return m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
 
 
 @triton.jit
@@ -94,7 +81,7 @@ def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, gr
                 ok = ok & ((kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - local))
             k_tile = _rows(k_base, TABLE, kpos, key_ok, BS, ksb, kst, ksd, dims, dim_ok)
             v_tile = _rows(v_base, TABLE, kpos, key_ok, BS, vsb, vst, vsd, dims, dim_ok)
-            m_i, l_i, acc = _fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
+            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
     if MODE == 2:
         col_base = COLS + (h * index_block + r) * n_cols
         for c0 in range(0, n_cols, BLOCK_N):
@@ -105,7 +92,7 @@ def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, gr
             ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
             k_tile = _rows(k_base, TABLE, safe, key_ok, BS, ksb, kst, ksd, dims, dim_ok)
             v_tile = _rows(v_base, TABLE, safe, key_ok, BS, vsb, vst, vsd, dims, dim_ok)
-            m_i, l_i, acc = _fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
+            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])

@@ -26,21 +26,25 @@ def _require_head_dim(dim: int) -> None:
 
 
 @triton.jit
-def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+def fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+    """One key tile into the online softmax (FlashAttention's recurrence); ``ok`` [rows, keys] says
+    which scores count."""
     if DOT_F32:
         q = q.to(tl.float32)
         k_tile = k_tile.to(tl.float32)
         v_tile = v_tile.to(tl.float32)
-    s = tl.dot(q, tl.trans(k_tile)) * scale
-    ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-    s = tl.where(ok, s, float("-inf"))
+    s = tl.where(ok, tl.dot(q, tl.trans(k_tile)) * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     corr = tl.exp(m_i - m_safe)
-    l_i = l_i * corr + tl.sum(p, 1)
-    acc = acc * corr[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
-    return m_new, l_i, acc
+    return m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+
+
+@triton.jit
+def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+    ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+    return fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
 
 
 @triton.jit

@@ -43,6 +43,7 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
     is_conv_state_dim_first,
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -93,13 +94,6 @@ class Linear(ReplicatedLinear):
 
     def forward(self, x):
         return super().forward(x)[0]
-
-
-def _copy_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} for a parameter of shape "
-                         f"{tuple(param.shape)}")
-    param.data.copy_(loaded)
 
 
 class SambaYMamba(MambaBase, nn.Module):
@@ -418,7 +412,7 @@ class Phi4FlashForCausalLM(nn.Module, HasInnerState, IsHybrid):
             if name not in params:
                 raise ValueError(f"unexpected tensor {name!r} in a SambaY checkpoint")
             param = params[name]
-            getattr(param, "weight_loader", _copy_loader)(param, tensor)
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
         missing = set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
         if missing:
