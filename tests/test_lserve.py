@@ -24,13 +24,14 @@ def test_summaries_bound_every_key():
         assert torch.equal(kmin[:, p], page.amin(1)) and torch.equal(kmax[:, p], page.amax(1))
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_page_stats_grow_with_the_cache_and_equal_the_summaries(dtype):
-    k = torch.randn(3, 700, 64).to(dtype)
+def test_page_stats_grow_with_the_cache_and_equal_the_summaries(dtype, cpu_kernel):
+    k = torch.randn(3, 2600, 64).to(dtype)  # 163 logical pages: three spans, storage grown twice
     kv, table = paged_copy([(k, k)], "vllm_cpu", block_size=32)
     stats = ls.PageStats(16)
-    for length in (1, 15, 16, 17, 300, 301, 333, 699, 700):
-        stats.extend(SeqKV(kv, table[0], length))
+    for length in (1, 15, 16, 17, 300, 301, 333, 699, 700, 1023, 1024, 1025, 2047, 2600):
+        stats.extend(SeqKV(kv, table[0], length), cpu_kernel=cpu_kernel)
         want = ls.page_summaries(k[:, :length], 16)
         for got, ref in zip(stats.bounds(), want):
             assert torch.equal(got, ref)
@@ -177,15 +178,20 @@ def test_contiguous_kv_reads_ranges_like_gather():
     assert torch.equal(kv.read_range(kv.key, table, 17, 60), k[:, 17:60])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("streaming", [[False, False, False], [True, False, True]])
-def test_cpu_selection_and_ranges_equal_the_reference(dtype, streaming):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "streaming", "dim"), [
+    (9, [False, False, False], 64), (9, [True, False, True], 64),  # SmolLM2's groups of 3
+    (12, [False, True], 128),  # groups of 6: more query heads than one pass of the C++ kernel takes
+    (3, [False, False, True], 32),  # MHA
+])
+def test_cpu_selection_and_ranges_equal_the_reference(dtype, heads, streaming, dim):
     g = torch.Generator().manual_seed(1)
-    k = torch.randn(3, 3000, 64, generator=g).to(dtype)
+    kv_heads = len(streaming)
+    k = torch.randn(kv_heads, 3000, dim, generator=g).to(dtype)
     kv, table = paged_copy([(k, k)], "vllm_cpu", block_size=32)
     stats = ls.PageStats(16)
     stats.extend(SeqKV(kv, table[0], 2990))
-    q = torch.randn(9, 64, generator=g).to(dtype)
+    q = torch.randn(heads, dim, generator=g).to(dtype)
     mask = torch.tensor(streaming)
     kmin, kmax = (b.float() for b in stats.bounds())
     for budget in (8, 47, 500):
@@ -193,8 +199,9 @@ def test_cpu_selection_and_ranges_equal_the_reference(dtype, streaming):
         want = ls.reference_select(q.float(), kmin, kmax, mask, 16, 64, budget)
         assert torch.equal(got.long(), want.long())
         for sink, local_start in ((16, 2900), (0, 0), (128, 64)):
-            assert torch.equal(ls.decode_ranges(got, mask, 3, 64, sink, local_start),
-                               ls.reference_decode_ranges(got, mask, 3, 64, sink, local_start))
+            group = heads // kv_heads
+            assert torch.equal(ls.decode_ranges(got, mask, group, 64, sink, local_start),
+                               ls.reference_decode_ranges(got, mask, group, 64, sink, local_start))
 
 
 def test_decode_pair_counts_equal_the_mask():

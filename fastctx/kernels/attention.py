@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from fastctx.kernels import sparse
+from fastctx.kernels._cpu_ext import cpu_ops
 from fastctx.kernels.paged import PagedKV, single_block_table
 from fastctx.kernels.sparse import SparseIndex, index_pair_counts, reference_attention_rows, rows_mask
 
@@ -203,11 +204,9 @@ def paged_attention(query: torch.Tensor, kv: PagedKV, block_table: torch.Tensor,
     if why_not_cpu(query, kv) is not None:
         return reference_paged_attention(query, kv, block_table, query_start, seq_lens, reads, scale=scale,
                                          positions=positions, out=out)
-    from fastctx.kernels._cpu_ext import cpu_ops
-
     slots: dict[int, int] = {}
     ranges, cols, block_q = [], [], []
-    rows = []
+    rows = []  # 8 ints per request, see csrc/attention_cpu.cpp
     for b, read in enumerate(reads):
         slot = 0
         if read.kind == "index":
@@ -218,12 +217,11 @@ def paged_attention(query: torch.Tensor, kv: PagedKV, block_table: torch.Tensor,
                 cols.append(read.index.cols.to(torch.int32).contiguous())
                 block_q.append(read.index.block_q)
             slot = slots[key]
-        rows.append([query_start[b], query_start[b + 1] - query_start[b], seq_lens[b], _MODES[read.kind],
-                     read.sink, read.local, slot, read.block0])
-    requests = torch.tensor(rows, dtype=torch.int32).reshape(-1, 8)
+        rows += (query_start[b], query_start[b + 1] - query_start[b], seq_lens[b], _MODES[read.kind],
+                 read.sink, read.local, slot, read.block0)
     table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
-    pos = torch.empty(0, dtype=torch.int32) if positions is None else positions.to(torch.int32).contiguous()
-    cpu_ops().paged_attention(query, kv.key, kv.value, table, requests, pos, ranges, cols, block_q,
+    pos = None if positions is None else positions.to(torch.int32).contiguous()
+    cpu_ops().paged_attention(query, kv.key, kv.value, table, rows, pos, ranges, cols, block_q,
                               float(scale), sparse.GATHER_BELOW, sparse.MICRO_KERNELS, out)
     return out
 

@@ -35,9 +35,14 @@ def page_summaries(k: torch.Tensor, logical: int) -> tuple[torch.Tensor, torch.T
     return kmin.amin(2), kmax.amax(2)
 
 
+SPAN = 64  # logical pages per span of PageStats storage (csrc/lserve_cpu.cpp: kSpan)
+
+
 class PageStats:
-    """Per-logical-page key bounds of one sequence in one layer, ``[Hkv, pages, D]`` each, in the keys'
-    dtype (exact: every bound is one of the keys). Storage grows by doubling."""
+    """Per-logical-page key bounds of one sequence in one layer, in the keys' dtype (exact: every bound
+    is one of the keys). Stored in spans of ``SPAN`` pages, dims-major inside a span, ``[Hkv, spans, D,
+    SPAN]`` each: selection scores a span's pages in vector lanes and streams the spans in order.
+    Storage grows by doubling."""
 
     def __init__(self, logical: int):
         self.logical = logical
@@ -49,29 +54,38 @@ class PageStats:
         return -(-self.length // self.logical)
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._kmin[:, :self.pages], self._kmax[:, :self.pages]
+        """``[Hkv, pages, D]`` copies of the key min and max."""
+        return tuple(b.transpose(2, 3).flatten(1, 2)[:, :self.pages] for b in (self._kmin, self._kmax))
 
-    def extend(self, keys: SeqKV) -> None:
-        """Summarises keys up to ``keys.length``: the last, partial page again plus any new pages."""
+    def extend(self, keys: SeqKV, cpu_kernel: bool = True) -> None:
+        """Summarises keys up to ``keys.length``: the last, partial page again plus any new pages (on CPU
+        with the C++ kernel unless ``cpu_kernel`` is False)."""
         if keys.length <= self.length:
             return
         first = self.length // self.logical  # first page with new keys
         end = -(-keys.length // self.logical)
         key = keys.kv.key
-        if self._kmin is None or end > self._kmin.shape[1]:
-            capacity = max(end, 2 * (0 if self._kmin is None else self._kmin.shape[1]), 64)
-            grown = [torch.empty(key.shape[1], capacity, key.shape[3], dtype=key.dtype, device=key.device)
+        spans = -(-end // SPAN)
+        if self._kmin is None or spans > self._kmin.shape[1]:
+            # A quarter more than the prompt needs at first: decode steps then append for a long while
+            # before the bounds are copied into larger storage.
+            capacity = max(spans + spans // 4 + 1, 2 * (0 if self._kmin is None else self._kmin.shape[1]))
+            grown = [torch.empty(key.shape[1], capacity, key.shape[3], SPAN, dtype=key.dtype, device=key.device)
                      for _ in range(2)]
             if self._kmin is not None:
+                used = -(-self.pages // SPAN)
                 for new, old in zip(grown, (self._kmin, self._kmax)):
-                    new[:, :self.pages] = old[:, :self.pages]
+                    new[:, :used] = old[:, :used]
             self._kmin, self._kmax = grown
-        if key.device.type == "cpu":
+        if key.device.type == "cpu" and cpu_kernel:
             cpu_ops().lserve_extend(key, keys.table_row, first * self.logical, keys.length, self.logical,
                                     self._kmin, self._kmax)
         else:
             k = keys.kv.read_range(key, keys.table_row, first * self.logical, keys.length)
-            self._kmin[:, first:end], self._kmax[:, first:end] = page_summaries(k, self.logical)
+            for new, store in zip(page_summaries(k, self.logical), (self._kmin, self._kmax)):
+                for span in range(first // SPAN, -(-end // SPAN)):
+                    lo, hi = max(first, span * SPAN), min(end, (span + 1) * SPAN)
+                    store[:, span, :, lo - span * SPAN:hi - span * SPAN] = new[:, lo - first:hi - first].transpose(1, 2)
         self.length = keys.length
 
 

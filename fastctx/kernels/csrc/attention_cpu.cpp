@@ -1361,26 +1361,28 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
 
 // query [T, H, D] and out [T, H, D] (any token/head strides, dims contiguous);
 // key/value logical [blocks, Hkv, block_size, D]; table [B, M] int32;
-// requests [B, 8] int32 rows (q0, q_len, seq_len, mode, sink, local, slot, block0);
-// positions [T] int32 or empty; index slots: ranges [H, R, NR, 2], cols [H, R, NC] int32, block_q.
+// requests: 8 ints per request (q0, q_len, seq_len, mode, sink, local, slot, block0), a plain list
+// (a tensor costs a decode step more than the call); positions [T] int32 or None; index slots: ranges [H, R, NR, 2], cols [H, R, NC] int32, block_q.
 void paged_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor table,
-                     torch::Tensor requests, torch::Tensor positions, std::vector<torch::Tensor> ranges,
+                     std::vector<int> requests, c10::optional<torch::Tensor> positions,
+                     std::vector<torch::Tensor> ranges,
                      std::vector<torch::Tensor> cols, std::vector<int64_t> block_q, double scale,
                      int64_t gather_below, bool allow_micro, torch::Tensor out) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && key.dim() == 4 && value.dim() == 4, "paged_attention: ranks");
   TORCH_CHECK(query.scalar_type() == key.scalar_type() && key.scalar_type() == value.scalar_type() &&
               out.scalar_type() == query.scalar_type(), "paged_attention: one dtype for q, k, v, out");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "paged_attention: head_dim must be contiguous");
-  TORCH_CHECK(table.scalar_type() == torch::kInt32 && requests.scalar_type() == torch::kInt32 &&
-              requests.is_contiguous() && requests.size(1) == 8, "paged_attention: int32 tables");
-  TORCH_CHECK(table.size(0) >= requests.size(0) && (table.size(0) == 0 || table.stride(1) == 1),
+  const int64_t batch = (int64_t)requests.size() / 8;
+  TORCH_CHECK(table.scalar_type() == torch::kInt32 && (int64_t)requests.size() == batch * 8,
+              "paged_attention: int32 table, 8 ints per request");
+  TORCH_CHECK(table.size(0) >= batch && (table.size(0) == 0 || table.stride(1) == 1),
               "paged_attention: one block table row per request");
   TORCH_CHECK(ranges.size() == cols.size() && cols.size() == block_q.size(), "paged_attention: index slots");
   const int heads = (int)query.size(1);
   TORCH_CHECK(heads % key.size(1) == 0 && key.size(3) == query.size(2), "paged_attention: head counts / head_dim");
-  const bool has_pos = positions.numel() > 0;
-  TORCH_CHECK(!has_pos || (positions.scalar_type() == torch::kInt32 && positions.is_contiguous() &&
-                           positions.numel() == query.size(0)), "paged_attention: positions [T] int32");
+  const bool has_pos = positions.has_value();
+  TORCH_CHECK(!has_pos || (positions->scalar_type() == torch::kInt32 && positions->is_contiguous() &&
+                           positions->numel() == query.size(0)), "paged_attention: positions [T] int32");
   std::vector<IndexSlot> slots;
   for (size_t s = 0; s < ranges.size(); ++s) {
     TORCH_CHECK(ranges[s].scalar_type() == torch::kInt32 && ranges[s].is_contiguous() && ranges[s].dim() == 4 &&
@@ -1390,10 +1392,10 @@ void paged_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value
     slots.push_back({ranges[s].data_ptr<int>(), cols[s].data_ptr<int>(), (int)ranges[s].size(1),
                      (int)ranges[s].size(2), (int)cols[s].size(2), (int)block_q[s]});
   }
-  const int* rq = requests.data_ptr<int>();
-  const int* pos = has_pos ? positions.data_ptr<int>() : nullptr;
+  const int* rq = requests.data();
+  const int* pos = has_pos ? positions->data_ptr<int>() : nullptr;
   std::vector<Request> reqs;
-  for (int64_t b = 0; b < requests.size(0); ++b) {
+  for (int64_t b = 0; b < batch; ++b) {
     const int* x = rq + b * 8;
     Request r{x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], pos ? pos + x[0] : nullptr};
     TORCH_CHECK(r.mode != kIndex || (r.slot >= 0 && r.slot < (int)slots.size()), "paged_attention: index slot");

@@ -11,20 +11,26 @@
 
 #include <torch/extension.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int32_t kEmpty = std::numeric_limits<int32_t>::max();  // an unused range slot (start = end)
 constexpr int32_t kOpenEnd = kEmpty - 1;                         // a range that runs past the context
+constexpr int kSpan = 64;  // logical pages per span of the bounds (fastctx/kernels/lserve.py: SPAN)
 
 template <typename T>
 void extend_bounds(const torch::Tensor& key, const int* table, int64_t start, int64_t end, int logical,
-                   T* kmin, T* kmax, int64_t cap) {
+                   T* kmin, T* kmax, int64_t spans) {
   const int kv_heads = (int)key.size(1), bs = (int)key.size(2), dim = (int)key.size(3);
   const int64_t sb = key.stride(0), sh = key.stride(1), st = key.stride(2), sd = key.stride(3);
   const T* k = key.data_ptr<T>();
@@ -44,22 +50,26 @@ void extend_bounds(const torch::Tensor& key, const int* table, int64_t start, in
           mx[d] = std::max(mx[d], v);
         }
       }
-      T* omin = kmin + ((int64_t)h * cap + page) * dim;
-      T* omax = kmax + ((int64_t)h * cap + page) * dim;
-      for (int d = 0; d < dim; ++d) omin[d] = static_cast<T>(mn[d]), omax[d] = static_cast<T>(mx[d]);
+      for (int d = 0; d < dim; ++d) {
+        const int64_t at = (((int64_t)h * spans + page / kSpan) * dim + d) * kSpan + page % kSpan;
+        kmin[at] = static_cast<T>(mn[d]);
+        kmax[at] = static_cast<T>(mx[d]);
+      }
     }
   });
 }
 
 // Writes the bounds of logical pages start/logical .. ceil(end/logical) of one sequence into
-// kmin/kmax [Hkv, cap, D] (the keys' dtype: each bound is one of the keys, so exact).
+// kmin/kmax [Hkv, spans, D, kSpan]: spans of kSpan pages, dims-major inside a span (the keys' dtype:
+// each bound is one of the keys, so exact).
 void lserve_extend(torch::Tensor key, torch::Tensor table_row, int64_t start, int64_t end, int64_t logical,
                    torch::Tensor kmin, torch::Tensor kmax) {
-  TORCH_CHECK(key.dim() == 4 && kmin.dim() == 3 && kmin.is_contiguous() && kmax.is_contiguous(),
-              "lserve_extend: key [blocks, Hkv, bs, D], bounds [Hkv, cap, D] contiguous");
+  TORCH_CHECK(key.dim() == 4 && kmin.dim() == 4 && kmin.size(3) == kSpan && kmin.is_contiguous() &&
+              kmax.is_contiguous(), "lserve_extend: key [blocks, Hkv, bs, D], bounds [Hkv, spans, D, 64] contiguous");
   TORCH_CHECK(kmin.scalar_type() == key.scalar_type() && kmax.scalar_type() == key.scalar_type(),
               "lserve_extend: bounds must have the keys' dtype");
-  TORCH_CHECK((end + logical - 1) / logical <= kmin.size(1), "lserve_extend: bounds too small");
+  TORCH_CHECK(kmin.size(2) == key.size(3) && (end + logical - 1) / logical <= kmin.size(1) * kSpan,
+              "lserve_extend: bounds too small");
   auto table = table_row.to(torch::kInt).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key.scalar_type(), "lserve_extend", [&] {
     extend_bounds<scalar_t>(key, table.data_ptr<int>(), start, end, (int)logical, kmin.data_ptr<scalar_t>(),
@@ -67,35 +77,96 @@ void lserve_extend(torch::Tensor key, torch::Tensor table_row, int64_t start, in
   });
 }
 
-// Score of physical page p: the max over its logical pages l0..l1 and over a KV head's query
-// heads of sum_d max(q_d kmin_ld, q_d kmax_ld) = relu(q) . kmax_l + min(q, 0) . kmin_l
-// (qpos, qneg: [group][dim]).
+// Scores of the logical pages of one span of one KV head, each the max over the head's query heads
+// of sum_d max(q_d kmin_d, q_d kmax_d) = relu(q) . kmax + min(q, 0) . kmin (qpos, qneg: [group][dim];
+// kmin, kmax: the span's [dim][kSpan]). Dims-major spans put pages in vector lanes (no horizontal
+// sums) and are contiguous, so selection streams the bounds; kSpan pages by up to kQueries query heads
+// are kSpan / 16 * kQueries independent accumulators, enough to hide the FMA latency. Only the first
+// `n` pages are read.
+constexpr int kQueries = 4;
+
 template <typename T>
-float physical_score(const float* qpos, const float* qneg, int group, int dim, const T* kmin, const T* kmax,
-                     int64_t l0, int64_t l1) {
-  float best = -std::numeric_limits<float>::infinity();
-  float lo[256], hi[256];  // head_dim <= 256
-  for (int64_t l = l0; l < l1; ++l) {
-    for (int d = 0; d < dim; ++d) lo[d] = static_cast<float>(kmin[l * dim + d]), hi[d] = static_cast<float>(kmax[l * dim + d]);
-    for (int g = 0; g < group; ++g) {
-      const float* qp = qpos + g * dim;
-      const float* qn = qneg + g * dim;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int d = 0; d < dim; ++d) s += qp[d] * hi[d] + qn[d] * lo[d];
-      best = std::max(best, s);
+void logical_scores(const float* qpos, const float* qneg, int group, int dim, const T* kmin, const T* kmax,
+                    int n, float* out) {
+  for (int j = 0; j < kSpan; ++j) out[j] = -std::numeric_limits<float>::infinity();
+  for (int g0 = 0; g0 < group; g0 += kQueries) {
+    const int ng = std::min(kQueries, group - g0);
+    float acc[kQueries][kSpan] = {};
+    for (int d = 0; d < dim; ++d) {
+      const T* hi = kmax + d * kSpan;
+      const T* lo = kmin + d * kSpan;
+      float h[kSpan], w[kSpan];
+      for (int j = 0; j < kSpan; ++j) {
+        h[j] = j < n ? static_cast<float>(hi[j]) : 0.0f;
+        w[j] = j < n ? static_cast<float>(lo[j]) : 0.0f;
+      }
+      for (int g = 0; g < ng; ++g) {
+        const float qp = qpos[(int64_t)(g0 + g) * dim + d], qn = qneg[(int64_t)(g0 + g) * dim + d];
+#pragma omp simd
+        for (int j = 0; j < kSpan; ++j) acc[g][j] += qp * h[j] + qn * w[j];
+      }
     }
+    for (int g = 0; g < ng; ++g)
+      for (int j = 0; j < n; ++j) out[j] = std::max(out[j], acc[g][j]);
   }
-  return best;
 }
+
+#ifdef __AVX512F__
+// 16 bounds as floats, widened on load (bf16: the top half of a float; fp16: vcvtph2ps).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+// logical_scores in registers: 4 x 16 pages by up to kQueries query heads, the next span prefetched.
+template <typename T>
+void logical_scores_avx512(const float* qpos, const float* qneg, int group, int dim, const T* kmin, const T* kmax,
+                           int n, float* out, bool prefetch_next) {
+  constexpr int V = kSpan / 16;
+  __mmask16 mask[V];
+  for (int v = 0; v < V; ++v) {
+    const int left = n - 16 * v;
+    mask[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+  }
+  __m512 best[V];
+  for (int v = 0; v < V; ++v) best[v] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int g0 = 0; g0 < group; g0 += kQueries) {
+    const int ng = std::min(kQueries, group - g0);
+    __m512 acc[kQueries][V];
+    for (int g = 0; g < kQueries; ++g)
+      for (int v = 0; v < V; ++v) acc[g][v] = _mm512_setzero_ps();
+    for (int d = 0; d < dim; ++d) {
+      const T* hi = kmax + d * kSpan;
+      const T* lo = kmin + d * kSpan;
+      if (prefetch_next && g0 == 0)
+        for (int b = 0; b < kSpan * (int)sizeof(T); b += 64) {
+          _mm_prefetch((const char*)(hi + dim * kSpan) + b, _MM_HINT_T0);
+          _mm_prefetch((const char*)(lo + dim * kSpan) + b, _MM_HINT_T0);
+        }
+      __m512 h[V], w[V];
+      for (int v = 0; v < V; ++v) h[v] = load16(hi + 16 * v, mask[v]), w[v] = load16(lo + 16 * v, mask[v]);
+      for (int g = 0; g < ng; ++g) {
+        const __m512 qp = _mm512_set1_ps(qpos[(int64_t)(g0 + g) * dim + d]);
+        const __m512 qn = _mm512_set1_ps(qneg[(int64_t)(g0 + g) * dim + d]);
+        for (int v = 0; v < V; ++v) acc[g][v] = _mm512_fmadd_ps(qn, w[v], _mm512_fmadd_ps(qp, h[v], acc[g][v]));
+      }
+    }
+    for (int g = 0; g < ng; ++g)
+      for (int v = 0; v < V; ++v) best[v] = _mm512_max_ps(best[v], acc[g][v]);
+  }
+  for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + 16 * v, best[v]);
+}
+#endif
 
 // [dense KV heads, K] int32 ascending physical page ids: the budget_pages - 1 best by the max of
 // their logical pages' scores, plus the newest page; every page when they fit.
 torch::Tensor lserve_select(torch::Tensor q, torch::Tensor kmin, torch::Tensor kmax, int64_t logical_pages,
                             torch::Tensor streaming, int64_t logical, int64_t page_size, int64_t budget_pages) {
+  TORCH_CHECK(kmin.dim() == 4 && kmin.size(3) == kSpan && kmin.is_contiguous() && kmax.is_contiguous() &&
+              kmin.sizes() == kmax.sizes(), "lserve_select: bounds [Hkv, spans, D, 64] contiguous");
   const int kv_heads = (int)kmin.size(0), dim = (int)kmin.size(2), group = (int)(q.size(0) / kv_heads);
-  TORCH_CHECK(dim <= 256, "lserve_select: head_dim up to 256");
-  const int64_t cap = kmin.size(1), per = page_size / logical;
+  const int64_t span_cap = kmin.size(1), per = page_size / logical;
   const int64_t pages = (logical_pages + per - 1) / per;
   auto qf = q.to(torch::kFloat).contiguous();
   auto stream = streaming.to(torch::kBool).contiguous();
@@ -112,28 +183,41 @@ torch::Tensor lserve_select(torch::Tensor q, torch::Tensor kmin, torch::Tensor k
   std::vector<float> qpos(q.numel()), qneg(q.numel());
   const float* qd = qf.data_ptr<float>();
   for (int64_t i = 0; i < q.numel(); ++i) qpos[i] = std::max(qd[i], 0.0f), qneg[i] = std::min(qd[i], 0.0f);
-  // Every older page of every dense head, split evenly over the threads.
-  std::vector<float> physical(nd * pages);
+  // Logical pages of the older physical pages, in spans split evenly over the threads.
+  const int64_t older = (pages - 1) * per, spans = (older + kSpan - 1) / kSpan;
+  const int64_t padded = spans * kSpan;
+  std::vector<float> scores(nd * padded);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kmin.scalar_type(), "lserve_select", [&] {
     const scalar_t* lo = kmin.data_ptr<scalar_t>();
     const scalar_t* hi = kmax.data_ptr<scalar_t>();
-    at::parallel_for(0, nd * (pages - 1), 64, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, nd * spans, 4, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
-        const int64_t x = i / (pages - 1), p = i % (pages - 1);
+        const int64_t x = i / spans, l0 = (i % spans) * kSpan;
         const int h = dense[x];
-        const int64_t off = (int64_t)h * cap * dim;
-        physical[x * pages + p] = physical_score(qpos.data() + (int64_t)h * group * dim, qneg.data() + (int64_t)h * group * dim,
-                                                 group, dim, lo + off, hi + off, p * per,
-                                                 std::min(logical_pages, (p + 1) * per));
+        const int64_t off = ((int64_t)h * span_cap + i % spans) * dim * kSpan;
+        const float* qp = qpos.data() + (int64_t)h * group * dim;
+        const float* qn = qneg.data() + (int64_t)h * group * dim;
+        const int n = (int)std::min<int64_t>(kSpan, older - l0);
+        float* sc = scores.data() + x * padded + l0;
+#ifdef __AVX512F__
+        if constexpr (!std::is_same<scalar_t, double>::value) {
+          logical_scores_avx512(qp, qn, group, dim, lo + off, hi + off, n, sc, i + 1 < b && n == kSpan);
+          continue;
+        }
+#endif
+        logical_scores(qp, qn, group, dim, lo + off, hi + off, n, sc);
       }
     });
   });
-  // The best budget_pages - 1 of the older pages (ties to the earlier page), then the newest.
+  // A physical page scores the max of its logical pages; the best budget_pages - 1 of the older
+  // pages (ties to the earlier page), then the newest.
+  std::vector<float> physical(pages - 1);
   std::vector<int> ids(pages - 1);
   for (int64_t x = 0; x < nd; ++x) {
-    const float* sc = physical.data() + x * pages;
+    const float* sc = scores.data() + x * padded;
+    for (int64_t p = 0; p < pages - 1; ++p) physical[p] = *std::max_element(sc + p * per, sc + (p + 1) * per);
     std::iota(ids.begin(), ids.end(), 0);
-    auto better = [&](int a, int b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); };
+    auto better = [&](int a, int b) { return physical[a] > physical[b] || (physical[a] == physical[b] && a < b); };
     std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), better);
     std::sort(ids.begin(), ids.begin() + (k - 1));
     int* row = o + x * k;
