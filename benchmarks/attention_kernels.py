@@ -124,8 +124,9 @@ def measure(prefix: int, chunk: int, reps: int, dtype: torch.dtype) -> dict:
     ms = {name: best_ms(fn, reps) for name, fn in runs.items()}
     outs["gather_sdpa"] = gather_sdpa()
     rows = torch.randperm(chunk, generator=g)[:128]
-    want = reference_attention_rows(q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                    prefix + rows, scale=scale).transpose(0, 1)
+    # float32 inputs: the reference stays float32 (not rounded to the kernels' bf16 output)
+    want = reference_attention_rows(q[rows].float().transpose(0, 1), k.float().transpose(0, 1),
+                                    v.float().transpose(0, 1), prefix + rows, scale=scale).transpose(0, 1)
     err = {name: float((out[rows].float() - want.float()).abs().max()) for name, out in outs.items()}
     row = {"prefix": prefix, "chunk": chunk, "vllm_isa": isa, **{f"{n}_ms": round(t, 2) for n, t in ms.items()},
            "speedup_vs_vllm_dense": round(ms["vllm"] / ms["fastctx_dense"], 3),

@@ -43,6 +43,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="64K context, 4K budget, every layer, 3 rounds")
     parser.add_argument("--context", type=int, default=65536)
     parser.add_argument("--budget", type=int, default=4096, help="LServe token_budget")
+    parser.add_argument("--streaming-fraction", type=float, default=0.5,
+                        help="LServe streaming_fraction (the paper's 0.5; fastctx-eval runs 0.25 on SmolLM2)")
     parser.add_argument("--layers", type=int, default=LAYERS, help=f"the first N of the model's {LAYERS} layers")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of reselect_interval steps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -61,7 +63,8 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype or fast_dtype())
     if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
         torch._C._cpu._init_amx()  # vLLM's AMX kernel needs the process's AMX permission
-    params = LServeParams(head_scores=str(DEFAULT_MODEL_HEADS), token_budget=args.budget)
+    params = LServeParams(head_scores=str(DEFAULT_MODEL_HEADS), token_budget=args.budget,
+                          streaming_fraction=args.streaming_fraction)
     method = LServe(params, ModelShape(num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=DIM))
     cpu_ops()  # built or loaded before anything is timed
     steps = params.reselect_interval * args.rounds

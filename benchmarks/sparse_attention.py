@@ -92,7 +92,7 @@ def run(n: int, targets: list[float], reps: int, dtype: torch.dtype) -> list[dic
         finally:
             sparse.GATHER_BELOW = gather_below
         got = attend(read)[rows].transpose(0, 1)
-        want = reference_sparse_rows(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), index=index, rows=rows)
+        want = reference_sparse_rows(*(x.float().transpose(0, 1) for x in (q, k, v)), index=index, rows=rows)
         err = (got.float() - want.float()).abs().max().item()
         speedup = dense[fastest] / sparse_ms
         result.append({"seq_len": n, "target_density": target, "density": round(density, 4),

@@ -620,6 +620,10 @@ struct Panel {
   const float* v = nullptr;
   const int* pos = nullptr;
   int n = 0;
+  // bf16 caches on the bf16-pair micro-kernels: the panel stays bf16 (k, v null), so that its
+  // tiles take the same bf16 dot products as the keys read in place.
+  const at::BFloat16* kb = nullptr;
+  const at::BFloat16* vb = nullptr;
 };
 
 template <typename T>
@@ -702,7 +706,11 @@ class ItemRunner {
     for (int start = 0; start < w;) {
       if (s_.n == kTile) fold();
       const int len = std::min(w - start, kTile - s_.n);
-      s_.segs.push_back({s_.n, len, panel.k + start, panel.n, true, panel.v + (size_t)start * kv_.dim, kv_.dim, 0, 0});
+      if (panel.kb)
+        s_.segs.push_back({s_.n, len, nullptr, panel.n, true, nullptr, kv_.dim, 0, 0, panel.kb + start,
+                           panel.vb + (size_t)start * kv_.dim});
+      else
+        s_.segs.push_back({s_.n, len, panel.k + start, panel.n, true, panel.v + (size_t)start * kv_.dim, kv_.dim, 0, 0});
       for (int j = 0; j < len; ++j) {
         s_.kpos[s_.n + j] = panel.pos[start + j];
         s_.valid[s_.n + j] = member_[start + j];
@@ -764,8 +772,14 @@ class ItemRunner {
     const int dim = kv_.dim;
     float* k = micro_ ? s_.kbuf.data() + s_.n : s_.kbuf.data() + (size_t)s_.n * dim;
     const int64_t stride = micro_ ? kTile : 1;
-    for (int d = 0; d < dim; ++d) k[d * stride] = panel.k[(size_t)d * panel.n + at];
-    std::copy(panel.v + (size_t)at * dim, panel.v + (size_t)(at + 1) * dim, s_.vbuf.data() + (size_t)s_.n * dim);
+    float* v = s_.vbuf.data() + (size_t)s_.n * dim;
+    if (panel.kb) {
+      for (int d = 0; d < dim; ++d) k[d * stride] = to_f(panel.kb[(size_t)d * panel.n + at]);
+      for (int d = 0; d < dim; ++d) v[d] = to_f(panel.vb[(size_t)at * dim + d]);
+    } else {
+      for (int d = 0; d < dim; ++d) k[d * stride] = panel.k[(size_t)d * panel.n + at];
+      std::copy(panel.v + (size_t)at * dim, panel.v + (size_t)(at + 1) * dim, v);
+    }
     push_buffered(1);
     s_.kpos[s_.n] = panel.pos[at];
     s_.n += 1;
@@ -1218,6 +1232,8 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
   }
   std::vector<Panel> panels(reqs.size() * heads);
   std::vector<std::vector<float>> panel_k(jobs.size()), panel_v(jobs.size());
+  const bool bf16_panels = pairs && !amx;  // (the AMX path stages panel keys from floats)
+  std::vector<std::vector<at::BFloat16>> panel_kb(bf16_panels ? jobs.size() : 0), panel_vb(panel_kb.size());
   std::vector<std::vector<int>> panel_pos(jobs.size());
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (!jobs.empty())
   for (int64_t j = 0; j < (int64_t)jobs.size(); ++j) {
@@ -1234,11 +1250,28 @@ void run_attention(const torch::Tensor& query, const torch::Tensor& key, const t
       if (seen[c]) pos.push_back(c);
     const int n = (int)pos.size();
     if (n == 0) continue;
+    const int* trow = tab + (int64_t)jobs[j].req * tab_stride;
+    if constexpr (std::is_same<T, at::BFloat16>::value) {
+      if (bf16_panels) {  // the cache's bf16 values as they are: K dims-major, V row-major
+        std::vector<at::BFloat16>& pk = panel_kb[j];
+        std::vector<at::BFloat16>& pv = panel_vb[j];
+        pk.resize((size_t)n * dim);
+        pv.resize((size_t)n * dim);
+        for (int x = 0; x < n; ++x) {
+          const int blk = trow[pos[x] / kv.block_size], tok = pos[x] % kv.block_size;
+          const T* kr = kv.kp(blk, kvh, tok);
+          const T* vr = kv.vp(blk, kvh, tok);
+          for (int d = 0; d < dim; ++d) pk[(size_t)d * n + x] = kr[d * kv.kd];
+          for (int d = 0; d < dim; ++d) pv[(size_t)x * dim + d] = vr[d * kv.vd];
+        }
+        panels[(size_t)jobs[j].req * heads + h] = {nullptr, nullptr, pos.data(), n, pk.data(), pv.data()};
+        continue;
+      }
+    }
     std::vector<float>& pk = panel_k[j];
     std::vector<float>& pv = panel_v[j];
     pk.resize((size_t)n * dim);
     pv.resize((size_t)n * dim);
-    const int* trow = tab + (int64_t)jobs[j].req * tab_stride;
     std::vector<float> row(dim);
     for (int x = 0; x < n; ++x) {
       const int blk = trow[pos[x] / kv.block_size], tok = pos[x] % kv.block_size;
