@@ -69,6 +69,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--orders", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.15, help="CacheBlend recompute_ratio")
+    parser.add_argument("--chunk-context", choices=["separator", "prompt_head"], default="separator",
+                        help="CacheBlend chunk_context: what a chunk is prefilled after when first stored")
     parser.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--threads-bind", help="VLLM_CPU_OMP_THREADS_BIND for every engine")
     parser.add_argument("--dtype", help="engine dtype (default: the one stock vLLM is fastest at on this CPU)")
@@ -111,7 +113,7 @@ def main(argv=None) -> dict:
         orders.append([lead, *rest])
     max_len = len(prompt(range(args.chunks))) + ANSWER_TOKENS + 8
     blend = {"kv_connector": "FastctxBlendConnector", "kv_role": "kv_both",
-             "kv_connector_extra_config": {"recompute_ratio": args.ratio}}
+             "kv_connector_extra_config": {"recompute_ratio": args.ratio, "chunk_context": args.chunk_context}}
     base = dict(model=model, dtype=args.dtype, enforce_eager=True, max_model_len=max_len, seed=0,
                 worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
     engines = {"full": LLM(**base, enable_prefix_caching=False),
@@ -150,7 +152,7 @@ def main(argv=None) -> dict:
 
     result = {
         "prompt_tokens": len(ingest), "chunks": args.chunks, "chunk_tokens": args.chunk_tokens,
-        "orders": args.orders, "recompute_ratio": args.ratio,
+        "orders": args.orders, "recompute_ratio": args.ratio, "chunk_context": args.chunk_context,
         **{f"ttft_{name}_s": round(v, 3) for name, v in med.items()},
         "ttft_speedup_vs_full": round(med["full"] / med["cacheblend"], 3),
         "ttft_speedup_vs_prefix_cache": round(med["prefix"] / med["cacheblend"], 3),

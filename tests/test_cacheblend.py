@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastctx.cacheblend.blend import StoredSpan, blend
-from fastctx.cacheblend.chunks import ChunkSpanError, spans_from_request, split_on_separator
+from fastctx.cacheblend.chunks import ChunkSpanError, chunk_lead, spans_from_request, split_on_separator
 from fastctx.cacheblend.params import BlendParams
 from fastctx.methods.base import KnobError
 
@@ -127,6 +127,20 @@ def test_separator_split_and_request_spans():
             spans_from_request(bad, 10, 1)
 
 
+def test_a_chunk_is_stored_after_the_separator_or_after_the_prompt_head():
+    sep = [9, 9]
+    ids = [1, 2, 3, 9, 9, 4, 5, 6, 9, 9, 7, 8, 9, 9, 0]  # head, two chunks, question
+    spans = split_on_separator(ids, sep, 2)
+    assert spans == [(0, 3), (5, 8), (10, 12)]
+    assert chunk_lead(ids, spans, sep, "separator") == sep
+    # The head opens the prompt and is a chunk itself: the lead runs to the first chunk after it.
+    assert chunk_lead(ids, spans, sep, "prompt_head") == [1, 2, 3, 9, 9]
+    short_head = [1, 9, 9, 4, 5, 6, 9, 9, 0]
+    assert chunk_lead(short_head, split_on_separator(short_head, sep, 2), sep, "prompt_head") == [1, 9, 9]
+    # Nothing before the first chunk to stand in for a head: the separator.
+    assert chunk_lead([4, 5, 9, 9, 0], [(0, 2)], sep, "prompt_head") == sep
+
+
 def test_params_say_what_to_change():
     assert BlendParams().recompute_ratio == 0.15 and BlendParams().check_layer == 1
     with pytest.raises(KnobError, match=r"recompute_ratio=1.5.*\[0, 1\]"):
@@ -137,3 +151,5 @@ def test_params_say_what_to_change():
         BlendParams(local_cpu_gb=0)
     with pytest.raises(KnobError, match="remote_url"):
         BlendParams(remote_url="localhost:6379")
+    with pytest.raises(KnobError, match='chunk_context=.system.: use "separator" or "prompt_head"'):
+        BlendParams(chunk_context="system")

@@ -115,6 +115,23 @@ def test_a_stored_chunk_placed_where_it_was_computed_is_exact_at_ratio_zero(blen
     assert s["chunks_hit"] == 1 and s["tokens_reused"] == 128 - len(sep)
 
 
+def test_chunks_stored_after_the_prompt_head_are_exact_right_after_it(vllm_available, model_dir, redis_server,
+                                                                      stock_llm, parts):
+    docs, sep, system, question = parts
+    llm = blend_engine(model_dir, redis_server[0], {"chunk_context": "prompt_head"})
+    try:
+        run(llm, [system + docs[2] + sep + docs[3] + question], ratio=1.0)  # stores docs 2 and 3 after the head
+        stats(llm)
+        # Doc 3 now follows the head directly, in the context it was stored in: reusing every stored token
+        # is exact (stored after the separator alone, it would not be).
+        ids = system + docs[3] + sep + docs[2][:60] + question
+        assert run(llm, [ids], ratio=0.0) == run(stock_llm, [ids])
+        s = stats(llm)
+        assert s["chunks_hit"] == 1 and s["chunks_missed"] == 0 and s["tokens_reused"] > 0
+    finally:
+        close(llm)
+
+
 def test_prefix_cache_hit_then_blended_chunks(blend_llm, stock_llm, parts):
     from vllm import SamplingParams
 

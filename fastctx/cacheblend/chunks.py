@@ -50,3 +50,20 @@ def spans_from_request(value, num_tokens: int, min_tokens: int) -> list[tuple[in
             spans.append((start, end))
         last = end
     return spans
+
+
+def chunk_lead(token_ids: Sequence[int], spans: Sequence[tuple[int, int]], separator: Sequence[int],
+               context: str) -> list[int]:
+    """What a chunk is prefilled after when it is first stored (its key covers it too).
+
+    ``"separator"``: the separator alone, so a chunk is shared by prompts whatever precedes it, and its
+    first token is not the attention sink a sequence's first token becomes. ``"prompt_head"``: the
+    prompt's opening up to its first chunk that does not open the prompt (an opening long enough to be
+    a chunk itself belongs to the head), as CacheBlend precomputes chunks after the system prompt: the
+    stored KV has seen the same sink and instructions as in the prompt, and is shared only by prompts
+    with the same opening. Falls back to the separator when the prompt has no such opening."""
+    if context == "prompt_head" and spans:
+        opening = spans[1][0] if spans[0][0] == 0 and len(spans) > 1 else spans[0][0]
+        if opening:
+            return list(token_ids[:opening])
+    return list(separator)

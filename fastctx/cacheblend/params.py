@@ -20,6 +20,10 @@ class BlendParams:
                           "blend_special_str). Per request, kv_transfer_params {\"chunks\": [[start, end], ...]} "
                           "gives token spans instead")
     min_chunk_tokens: int = knob(64, "pieces shorter than this are computed, not stored")
+    chunk_context: str = knob("separator", "what a chunk is prefilled after when first stored: \"separator\" "
+                              "(alone after the separator; shared by every prompt) or \"prompt_head\" (after the "
+                              "prompt's opening up to its first chunk, as CacheBlend precomputes chunks after the "
+                              "system prompt; shared only by prompts with the same opening)")
     local_cpu_gb: float = knob(2.0, "LMCache local CPU tier (GB of chunk KV kept in this process; also the pool "
                                "every other tier stages through, so > 0)")
     local_disk: str | None = knob(None, "LMCache local disk tier: a directory (kept across restarts)")
@@ -33,6 +37,8 @@ class BlendParams:
                 f"check_layer={self.check_layer!r}: use a layer index >= 0 (1 is CacheBlend's)")
         require(isinstance(self.separator, str) and self.separator != "",
                 f"separator={self.separator!r}: use a non-empty string, e.g. \"\\n###\\n\"")
+        require(self.chunk_context in ("separator", "prompt_head"),
+                f"chunk_context={self.chunk_context!r}: use \"separator\" or \"prompt_head\"")
         require(isinstance(self.min_chunk_tokens, int) and self.min_chunk_tokens >= 1,
                 f"min_chunk_tokens={self.min_chunk_tokens!r}: use an int >= 1")
         for name in ("local_cpu_gb", "local_disk_gb"):

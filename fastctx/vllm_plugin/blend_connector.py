@@ -30,7 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from fastctx.cacheblend.blend import StoredSpan, blend
-from fastctx.cacheblend.chunks import ChunkSpanError, spans_from_request, split_on_separator
+from fastctx.cacheblend.chunks import ChunkSpanError, chunk_lead, spans_from_request, split_on_separator
 from fastctx.cacheblend.params import BlendParams
 from fastctx.cacheblend.stats import BlendStats
 from fastctx.vllm_plugin.paged_kv import prefix_reader
@@ -48,7 +48,7 @@ class BlendPlan:
     block_ids: list[int] = field(default_factory=list)
     cache_salt: str | None = None
     recompute_ratio: float = 0.15
-    lead: list[int] = field(default_factory=list)  # what a chunk is prefilled after when stored (the separator)
+    lead: list[int] = field(default_factory=list)  # what a chunk is prefilled after when stored (chunk_lead)
 
 
 @dataclass
@@ -73,6 +73,9 @@ class FastctxBlendConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         prompt = list(request.prompt_token_ids or [])
         spans = self._spans(request, prompt)
+        lead = chunk_lead(prompt, spans, self._separator_ids(), self.params.chunk_context)
+        if lead and prompt[:len(lead)] == lead:  # the prompt's own head: a piece inside it is no chunk
+            spans = [(s, e) for s, e in spans if s >= len(lead)]
         # vLLM computes at least the last prompt token; the region ends on a block boundary.
         end = min(spans[-1][1], len(prompt) - 1) if spans else 0
         end -= end % self.block_size
@@ -85,7 +88,7 @@ class FastctxBlendConnector(KVConnectorBase_V1):
         self._pending[request.request_id] = BlendPlan(
             request.request_id, prompt[:max(end, spans[-1][1])], num_computed_tokens, end, spans,
             cache_salt=getattr(request, "cache_salt", None), recompute_ratio=self._ratio(request),
-            lead=list(self._separator_ids()))
+            lead=lead)
         return end - num_computed_tokens, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
@@ -204,8 +207,7 @@ class _BlendWorker:
         lead = plan.lead
         for s, e in plan.spans:
             chunk = plan.token_ids[s:e]
-            # A chunk is stored as prefilled after the separator alone, as it follows one in a prompt, so
-            # that its first token is not the attention sink a sequence's first token becomes.
+            # A chunk is stored as prefilled after its lead (chunk_lead: the separator, or the prompt's head).
             key = chunk_key(self.fmt, lead + chunk, plan.cache_salt)
             kv = self.store.get(key, len(chunk))
             if kv is None:
