@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     for step in range(1, steps + 1):
         seq_len = args.context + step
         for name in names:
-            total = 0.0
+            step_ms = 0.0
             for layer, (kv, table, vkey, vvalue, vtable) in enumerate(layers):
                 start = time.perf_counter()
                 if name == "vllm":
@@ -122,8 +122,8 @@ def main(argv=None) -> dict:
                     read_pairs, causal_pairs = read_pairs + r, causal_pairs + c
                 elapsed = (time.perf_counter() - start) * 1e3
                 layer_ms[name][layer] += elapsed
-                total += elapsed
-            times[name].append(total)
+                step_ms += elapsed
+            times[name].append(step_ms)
     ms = {name: sum(t) / len(t) for name, t in times.items()}
     interval = params.reselect_interval
     select_ms = sum(times["lserve"][::interval]) / len(times["lserve"][::interval])

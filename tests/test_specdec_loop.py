@@ -123,6 +123,24 @@ def test_scylla_stops_speculating_where_drafting_costs_more_than_it_saves():
     assert policy.choose(1) == (0, 1)
 
 
+def test_scylla_tries_few_arms_where_speculation_does_not_pay():
+    """The laws rank the arms: no arm is run just to be tried, and exploration stays near the best, so a
+    policy with 19 arms (depths 0-6, 1/2/4 chains, as in vLLM) wastes few steps on costly ones."""
+    policy = ScyllaPolicy(depths=tuple(range(7)), chains=(1, 2, 4), seed=2)
+    runs = []
+    original = policy.choose
+
+    def choose(batch):
+        runs.append(original(batch))
+        return runs[-1]
+
+    policy.choose = choose
+    simulate(policy, 200, 4, random.Random(2), draft_s=0.05)
+    assert len(set(runs)) <= 6
+    assert sum(1 for depth, k in runs if depth >= 2 or k > 1) <= 8
+    assert runs[-20:].count((0, 1)) >= 18
+
+
 def test_scylla_settings_are_validated():
     with pytest.raises(ValueError, match="speculation lengths >= 0"):
         ScyllaPolicy(depths=(-1, 2))

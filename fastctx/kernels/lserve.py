@@ -42,7 +42,7 @@ class PageStats:
     """Per-logical-page key bounds of one sequence in one layer, in the keys' dtype (exact: every bound
     is one of the keys). Stored in spans of ``SPAN`` pages, dims-major inside a span, ``[Hkv, spans, D,
     SPAN]`` each: selection scores a span's pages in vector lanes and streams the spans in order.
-    Storage grows by doubling."""
+    Storage starts a quarter larger than the first extent and then grows by doubling."""
 
     def __init__(self, logical: int):
         self.logical = logical

@@ -12,9 +12,14 @@ mean of the steps seen with the same (depth, chains, batch), and for a combinati
 linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 * draft_tokens)``. A step with depth g
 and k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation;
 the policy picks the (g, k) with most tokens per second. Depth 0 (no speculation) is an arm too:
-where drafting costs more than it saves, the policy stops speculating. Every arm is tried once per
-batch size, then another arm is tried with probability ``explore`` so the laws keep seeing the
-choices they rank.
+where drafting costs more than it saves, the policy stops speculating.
+
+The laws, not trials, rank the arms: per batch size the policy first runs no speculation and the
+cheapest speculation (the smallest depth, one chain), then the predicted best arm. With probability
+``explore / (1 + n / 20)`` (n: steps so far at that batch size) it runs a neighbour of the best arm
+instead (the next depth up or down, or twice or half the chains), so the laws keep seeing the choices
+they rank. A deep, many-chain arm can cost dozens of plain steps, so trying every arm, or exploring
+uniformly, would cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class ScyllaPolicy:
         self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
         self._steps: dict[tuple[int, int, int], list[float]] = {}  # (depth, k, batch) -> [weight, seconds]
+        self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
 
     def accept_rate(self, k: int, batch: int, depth: int) -> float:
         return float(np.clip(np.dot(self.acceptance.coef(), _law_row(k, batch, depth)), 0.01, 0.99))
@@ -105,18 +111,29 @@ class ScyllaPolicy:
 
     def choose(self, batch: int) -> tuple[int, int]:
         """(speculation depth, chain count) for the next step of ``batch`` requests."""
-        arms = [(g, k) for g in self.depths for k in (self.chains if g else (1,))]
-        untried = [a for a in arms if (a[0], a[1], batch) not in self._steps]
-        if untried:
-            return untried[0]
-        if self._rng.random() < self.explore:
-            return self._rng.choice(arms)
+        depths = sorted(self.depths)
+        arms = [(g, k) for g in depths for k in (self.chains if g else (1,))]
+        n = self._chosen.get(batch, 0)
+        self._chosen[batch] = n + 1
+        spec = [g for g in depths if g]
+        for probe in ((depths[0], 1), (spec[0], min(self.chains)) if spec else (depths[0], 1)):
+            if (probe[0], probe[1], batch) not in self._steps:
+                return probe
 
         def rate(arm):
             seconds = self.expected_seconds(arm[0], arm[1], batch)
+            if seconds is None:  # neither seen nor predictable yet
+                return -math.inf
             return self.expected_tokens(arm[0], arm[1], batch) * batch / max(seconds, 1e-9)
 
-        return max(arms, key=rate)
+        best = max(arms, key=rate)
+        if self._rng.random() < self.explore / (1 + n / 20):
+            at = depths.index(best[0])
+            near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - at) == 1 and a[1] in (best[1], 1))
+                                                      or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
+            if near:
+                return self._rng.choice(near)
+        return best
 
     def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
         """One step: how many draft tokens each request accepted, and the step's wall time."""
