@@ -108,6 +108,7 @@ def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_availab
         s = stats(llm)
     finally:
         close(llm)
-    # Every (depth, chains) arm is tried once a batch size is seen: depth 0 (no drafts) and 1-2 x 1-2 chains.
-    assert set(s["arms"]) == {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}
+    # Per batch size Scylla probes no drafts (d0) and the cheapest drafts (d1k1), then runs what its laws
+    # rank best or a neighbour of it: always arms of this engine (depth 0-2, 1-2 chains).
+    assert {"d0k1", "d1k1"} <= set(s["arms"]) <= {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}
     assert s["scylla_law"]["observations"] > 0
