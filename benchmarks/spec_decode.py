@@ -4,7 +4,10 @@ Scylla's adaptive policy, with the same draft source, the same prompts and seeds
 ``--engine vllm`` (default): stock vLLM without speculation; vLLM's own n-gram speculation (its
 deterministic prompt lookup and verification: the yardstick a user has today); and fastctx's
 SpecTr proposer, whose n-gram draft distribution serves speculative sampling (1 chain), SpecTr
-(2 and 4 chains) and fixed lengths as per-request arms of one engine, plus a Scylla engine.
+(2 and 4 chains) and fixed lengths (0 included) as per-request arms of one engine, plus a Scylla
+engine. Last, an engine runs vLLM's own per-batch-size schedule (``num_speculative_tokens_per_batch_size``)
+over the same draft, tuned offline the way vLLM's docs describe: per batch size the fastest
+single-chain depth measured before, 0 included.
 Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
 request a different passage; the prompts are prefilled once before timing (prefix cache), so the
 timed runs are decode. ``accept_len`` is tokens per verification: accepted drafts plus the
@@ -198,7 +201,7 @@ def run_vllm(args) -> dict:
     }
     # (engine, per-request arm): one fastctx engine serves every fixed arm, so they share everything else.
     runs = {"nospec": ("stock", None), "vllm_ngram": ("vllm_ngram", None)}
-    runs.update({f"fixed_d{d}": ("fastctx", {"depth": d, "chains": 1}) for d in depths})
+    runs.update({f"fixed_d{d}": ("fastctx", {"depth": d, "chains": 1}) for d in [0, *depths]})
     runs.update({f"spectr_k{k}": ("fastctx", {"depth": args.depth, "chains": k}) for k in (2, 4)})
     runs["scylla"] = ("scylla", None)
     sd = f"fixed_d{args.depth}"
@@ -210,37 +213,58 @@ def run_vllm(args) -> dict:
     for llm in engines.values():  # prefill every prompt once (prefix cache) and warm up
         llm.generate([{"prompt_token_ids": p} for p in prompts], sampling(None, 2), use_tqdm=False)
     results: dict[str, dict] = {name: {} for name in runs}
-    for b in batches:
+
+    def timed(b, name, engine, arm):
+        """Time one run of ``name`` at batch size ``b`` into ``results``."""
         batch = [{"prompt_token_ids": p} for p in prompts[:b]]
+        llm = engines[engine]
+        if engine in ("fastctx", "scylla", "vllm_table"):
+            llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
+        before = spec_metrics(llm)
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        if engine in ("fastctx", "scylla", "vllm_table"):
+            st = llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
+            accept = st["tokens_per_verification"] or 1.0
+        elif engine == "vllm_ngram":
+            drafts, accepted = (a - c for a, c in zip(spec_metrics(llm), before))
+            st, accept = {}, 1 + accepted / drafts if drafts else 1.0
+        else:
+            st, accept = {}, 1.0
+        results[name][b] = {"tokens_per_s": tokens / seconds, "accept_len": accept,
+                            **({"tokens_per_engine_step": st["tokens_per_step"]} if st else {}),
+                            **({"arms": st["arms"]} if name == "scylla" else {})}
+        print(f"batch {b}: {name:11s} accept_len {accept:5.2f} tok/s {tokens / seconds:7.2f}", flush=True)
+
+    for b in batches:
         for name, (engine, arm) in runs.items():
-            llm = engines[engine]
-            if engine in ("fastctx", "scylla"):
-                llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
-            before = spec_metrics(llm)
-            t0 = time.perf_counter()
-            outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
-            seconds = time.perf_counter() - t0
-            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            if engine in ("fastctx", "scylla"):
-                st = llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
-                accept = st["tokens_per_verification"] or 1.0
-            elif engine == "vllm_ngram":
-                drafts, accepted = (a - c for a, c in zip(spec_metrics(llm), before))
-                st, accept = {}, 1 + accepted / drafts if drafts else 1.0
-            else:
-                st, accept = {}, 1.0
-            results[name][b] = {"tokens_per_s": tokens / seconds, "accept_len": accept,
-                                **({"tokens_per_engine_step": st["tokens_per_step"]} if st else {}),
-                                **({"arms": st["arms"]} if name == "scylla" else {})}
-            print(f"batch {b}: {name:11s} accept_len {accept:5.2f} tok/s {tokens / seconds:7.2f}", flush=True)
-    law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
-    for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
-        llm.llm_engine.engine_core.shutdown()
+            timed(b, name, engine, arm)
 
     def tps(name, b):
         return results[name][b]["tokens_per_s"]
 
-    fixed = [n for n in runs if n.startswith(("fixed_", "spectr_"))]
+    # vLLM's num_speculative_tokens_per_batch_size, tuned offline as vLLM's docs describe: per batch size
+    # the fastest single-chain depth (0 included) measured above, served by an engine of its own.
+    table = {b: int(max((n for n in runs if n.startswith("fixed_")), key=lambda n: tps(n, b))[len("fixed_d"):])
+             for b in batches}
+    ends = [*batches[1:], max(batches) + 1]
+    schedule = [[lo if i else 1, hi - 1, table[lo]] for i, (lo, hi) in enumerate(zip(batches, ends))]
+    print(f"vLLM per-batch-size schedule from the fixed depths: {schedule}", flush=True)
+    table_config = {**spectr, "num_speculative_tokens_per_batch_size": schedule}
+    engines["vllm_table"] = LLM(**base, speculative_config=table_config,
+                                additional_config={"fastctx_spectr": {"chains": 1}})
+    engines["vllm_table"].generate([{"prompt_token_ids": p} for p in prompts], sampling(None, 2), use_tqdm=False)
+    runs["vllm_table"] = ("vllm_table", None)
+    results["vllm_table"] = {}
+    for b in batches:
+        timed(b, "vllm_table", "vllm_table", None)
+    law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
+    for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
+        llm.llm_engine.engine_core.shutdown()
+
+    fixed = [n for n in runs if n.startswith(("fixed_", "spectr_")) and n != "fixed_d0"]
     best = {b: max(fixed, key=lambda n: tps(n, b)) for b in batches}
     b1 = batches[0]
     head = " ".join(f"{'b' + str(b) + ' acc':>8s} {'tok/s':>7s} {'x nospec':>8s}" for b in batches)
@@ -265,10 +289,12 @@ def run_vllm(args) -> dict:
         "tokens_per_s_ratio_scylla_vs_best_fixed": tps("scylla", b1) / tps(best[b1], b1),
         "per_batch": {b: {"best_fixed": best[b], "scylla_vs_best_fixed": tps("scylla", b) / tps(best[b], b),
                           "scylla_vs_nospec": tps("scylla", b) / tps("nospec", b),
+                          "scylla_vs_vllm_table": tps("scylla", b) / tps("vllm_table", b),
                           **{n: results[n][b] for n in runs}} for b in batches},
         "scylla_law": law,
-        # vLLM's num_speculative_tokens_per_batch_size applies to its own proposers, not to a custom_class one.
-        "tokens_per_s_ratio_scylla_vs_vllm_table": None,
+        "vllm_table": schedule,
+        "tokens_per_s_ratio_scylla_vs_vllm_table": tps("scylla", b1) / tps("vllm_table", b1),
+        "tokens_per_s_ratio_scylla_vs_vllm_table_min": min(tps("scylla", b) / tps("vllm_table", b) for b in batches),
     }
 
 

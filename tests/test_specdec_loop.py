@@ -68,13 +68,30 @@ def test_bad_draft_settings_say_what_to_change(target):
 # ---- no model needed --------------------------------------------------------------------------
 
 def test_the_ngram_draft_follows_what_came_after_the_longest_match():
-    d = NgramDraft(vocab=10, min_n=1, max_n=3)
+    d = NgramDraft(vocab=10, min_n=1, max_n=3, interpolation=1.0)
     d._index([1, 2, 3, 1, 2, 4, 5, 1, 2])
     p = d.dist([5, 1, 2])  # "5 1 2" never occurred; "1 2" came before 3 and 4
     assert torch.allclose(p[[3, 4]], torch.tensor([0.5, 0.5], dtype=torch.float64))
     assert torch.allclose(d.dist([2, 4])[5], torch.tensor(1.0, dtype=torch.float64))
     unseen = d.dist([9, 9])  # nothing matches: the context's token frequencies
     assert unseen[1] == pytest.approx(3 / 9) and unseen[9] == 0
+
+
+def test_the_interpolated_ngram_draft_mixes_every_matching_context():
+    tokens = [1, 2, 3, 1, 2, 4, 5, 1, 2]
+    d = NgramDraft(vocab=10, min_n=1, max_n=3, interpolation=0.5)
+    d._index(tokens)
+
+    def share(pairs):
+        return torch.tensor([dict(pairs).get(t, 0.0) for t in range(10)], dtype=torch.float64)
+
+    unigram = share({1: 3 / 9, 2: 3 / 9, 3: 1 / 9, 4: 1 / 9, 5: 1 / 9})
+    after_2 = share({3: 0.5, 4: 0.5})  # "2" and "1 2" were followed by 3 and 4; "5 1 2" never occurred
+    want = 0.5 * after_2 + 0.5 * (0.5 * after_2 + 0.5 * unigram)
+    assert torch.allclose(d.dist([5, 1, 2]), want)
+    assert d.dist([5, 1, 2]).sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"interpolation=0: give a weight in \(0, 1\]"):
+        NgramDraft(vocab=10, interpolation=0)
 
 
 def simulate(policy: ScyllaPolicy, steps: int, batch: int, rng: random.Random, draft_s: float = 0.002):
@@ -139,6 +156,22 @@ def test_scylla_tries_few_arms_where_speculation_does_not_pay():
     assert len(set(runs)) <= 6
     assert sum(1 for depth, k in runs if depth >= 2 or k > 1) <= 8
     assert runs[-20:].count((0, 1)) >= 18
+
+
+def test_scylla_does_not_explore_an_arm_that_cannot_win():
+    """At batch 8 a one-draft step costs 4x a plain one: even with every draft accepted it yields 2
+    tokens, so after its probe the policy never drafts again (before, it explored it now and then)."""
+    policy = ScyllaPolicy(depths=(0, 1, 2), chains=(1, 2), explore=0.5, seed=3)
+    runs = []
+    original = policy.choose
+
+    def choose(batch):
+        runs.append(original(batch))
+        return runs[-1]
+
+    policy.choose = choose
+    simulate(policy, 300, 8, random.Random(3), draft_s=0.05)
+    assert runs[:2] == [(0, 1), (1, 1)] and sum(1 for depth, _ in runs if depth) == 1
 
 
 def test_scylla_settings_are_validated():

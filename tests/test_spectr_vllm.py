@@ -14,9 +14,9 @@ pytestmark = pytest.mark.engine
 PROPOSER = "fastctx.vllm_plugin.spectr.SpecTrProposer"
 
 
-def spectr_engine(model_dir, chains=4, depth=3, **extra):
+def spectr_engine(model_dir, chains=4, depth=3, spec=None, **extra):
     return make_process_llm(model_dir, speculative_config={"method": "custom_class", "model": PROPOSER,
-                                                    "num_speculative_tokens": depth + 1},
+                                                    "num_speculative_tokens": depth + 1, **(spec or {})},
                      additional_config={"fastctx_spectr": {"chains": chains, **extra}})
 
 
@@ -99,6 +99,26 @@ def test_bad_settings_stop_the_engine_with_the_reason(vllm_available, model_dir)
         spectr_engine(model_dir, chains=0)
     with pytest.raises(Exception, match="num_speculative_tokens=1 leaves no draft depth"):
         spectr_engine(model_dir, depth=0)
+    with pytest.raises(Exception, match="scylla=true picks the depth per step itself"):
+        spectr_engine(model_dir, scylla=True, spec={"num_speculative_tokens_per_batch_size": [[1, 8, 2]]})
+
+
+def test_vllms_per_batch_size_schedule_sets_the_depth(vllm_available, model_dir, prompts):
+    """vLLM's num_speculative_tokens_per_batch_size: one request drafts 2 tokens, two or more none. (Like
+    vLLM's scheduler the lookup counts a step's requests; while the others still prefill, the first
+    to decode may step alone.)"""
+    llm = spectr_engine(model_dir, chains=2, depth=3, spec={"num_speculative_tokens_per_batch_size": [[1, 1, 2],
+                                                                                                      [2, 8, 0]]})
+    try:
+        generate(llm, prompts[:1], 1.0, max_tokens=16)
+        alone = stats(llm)
+        generate(llm, prompts, 1.0, max_tokens=16)
+        together = stats(llm)
+    finally:
+        close(llm)
+    assert set(alone["arms"]) == {"d2k2"} and alone["steps"] > 0
+    assert set(together["arms"]) <= {"d0k2", "d2k2"} and together["arms"]["d0k2"] >= 3 * 12
+    assert together["arms"].get("d2k2", 0) <= 4
 
 
 def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, prompts):

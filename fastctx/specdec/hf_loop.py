@@ -130,16 +130,28 @@ class ModelDraft:
         self._trim()
 
 
+# Jelinek-Mercer weight of each longer context over the shorter ones. 0.5 from the bigram context up
+# raised first-draft acceptance for one chain and for four over the longest match alone, on SmolLM2's
+# copy-task samples (README, speculative decoding).
+INTERPOLATION = 0.5
+
+
 class NgramDraft:
     """Prompt lookup as a draft distribution: the tokens that followed earlier occurrences of the
-    context's last n tokens (the longest n in [min_n, max_n] that occurred), in proportion to how
-    often; the context's own token frequencies where nothing matches. Being a distribution, its
-    k chains differ, which plain prompt lookup's single continuation cannot give SpecTr."""
+    context's last n tokens, in proportion to how often, for every n in [min_n, max_n] that
+    occurred, interpolated (Jelinek-Mercer): each longer context's counts get weight
+    ``interpolation`` over what the shorter ones give, down to the context's own token
+    frequencies. ``interpolation=1`` keeps the longest match alone. Being a distribution, its k
+    chains differ, which plain prompt lookup's single continuation cannot give SpecTr; the
+    shorter contexts' alternatives are what the chains beyond the first can add."""
 
-    def __init__(self, vocab: int, min_n: int = 2, max_n: int = 4):
+    def __init__(self, vocab: int, min_n: int = 1, max_n: int = 4, interpolation: float = INTERPOLATION):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram min_n={min_n}, max_n={max_n}: need 1 <= min_n <= max_n")
-        self.vocab, self.min_n, self.max_n = vocab, min_n, max_n
+        if not 0 < interpolation <= 1:
+            raise ValueError(f"ngram interpolation={interpolation}: give a weight in (0, 1] "
+                             "(1: the longest matching context alone)")
+        self.vocab, self.min_n, self.max_n, self.interpolation = vocab, min_n, max_n, interpolation
         self.follow: dict[tuple, Counter] = {}
         self.unigram: Counter = Counter()
         self.indexed = 0
@@ -151,15 +163,20 @@ class NgramDraft:
                 self.follow.setdefault(tuple(tokens[i - n:i]), Counter())[tokens[i]] += 1
         self.indexed = len(tokens)
 
-    def dist(self, tail: list[int]) -> torch.Tensor:
-        counts = self.unigram
-        for n in range(min(self.max_n, len(tail)), self.min_n - 1, -1):
-            if tuple(tail[-n:]) in self.follow:
-                counts = self.follow[tuple(tail[-n:])]
-                break
+    def _share(self, counts: Counter) -> torch.Tensor:
         p = torch.zeros(self.vocab, dtype=torch.float64)
         p[list(counts)] = torch.tensor(list(counts.values()), dtype=torch.float64)
         return p / p.sum()
+
+    def dist(self, tail: list[int]) -> torch.Tensor:
+        p = self._share(self.unigram)
+        for n in range(self.min_n, min(self.max_n, len(tail)) + 1):
+            counts = self.follow.get(tuple(tail[-n:]))
+            if counts is None:  # a longer context cannot have occurred either
+                break
+            p = self._share(counts) if self.interpolation == 1 else \
+                self.interpolation * self._share(counts) + (1 - self.interpolation) * p
+        return p
 
     def propose(self, tokens: list[int], k: int, depth: int, temperature: float, gen: torch.Generator):
         self._index(tokens)

@@ -18,8 +18,9 @@ The laws, not trials, rank the arms: per batch size the policy first runs no spe
 cheapest speculation (the smallest depth, one chain), then the predicted best arm. With probability
 ``explore / (1 + n / 20)`` (n: steps so far at that batch size) it runs a neighbour of the best arm
 instead (the next depth up or down, or twice or half the chains), so the laws keep seeing the choices
-they rank. A deep, many-chain arm can cost dozens of plain steps, so trying every arm, or exploring
-uniformly, would cost more than the choice gains.
+they rank; a neighbour that would be slower than the best arm even if every draft were accepted
+is not tried. A deep, many-chain arm can cost dozens of plain steps, so trying every arm, or
+exploring uniformly, would cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class OnlineLeastSquares:
         self.xtx = np.zeros((n, n))
         self.xty = np.zeros(n)
         self.seen = 0
+        self._coef = None  # solved once per change: a policy's choice reads it for every arm and depth
 
     def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
         self.xtx *= self.decay
@@ -49,11 +51,17 @@ class OnlineLeastSquares:
         self.xtx += rows.T @ rows
         self.xty += rows.T @ targets
         self.seen += len(targets)
+        self._coef = None
 
     def coef(self) -> np.ndarray:
-        # Shrunk toward the prior, so a law seen on few arms stays near it off those arms.
-        a = self.xtx + self.ridge * np.eye(len(self.prior))
-        return np.linalg.solve(a, self.xty + self.ridge * self.prior)
+        if self._coef is None:
+            # Shrunk toward the prior, so a law seen on few arms stays near it off those arms.
+            a = self.xtx + self.ridge * np.eye(len(self.prior))
+            self._coef = np.linalg.solve(a, self.xty + self.ridge * self.prior)
+        return self._coef
+
+
+MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
@@ -88,12 +96,13 @@ class ScyllaPolicy:
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
 
     def accept_rate(self, k: int, batch: int, depth: int) -> float:
-        return float(np.clip(np.dot(self.acceptance.coef(), _law_row(k, batch, depth)), 0.01, 0.99))
+        return float(np.clip(np.dot(self.acceptance.coef(), _law_row(k, batch, depth)), 0.01, MAX_ACCEPT))
 
-    def expected_tokens(self, depth: int, k: int, batch: int) -> float:
+    def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None) -> float:
+        """Tokens per request of a step; ``rate`` fixes every depth's acceptance instead of the law."""
         total, alive = 1.0, 1.0
         for t in range(1, depth + 1):
-            alive *= self.accept_rate(k, batch, t)
+            alive *= self.accept_rate(k, batch, t) if rate is None else rate
             total += alive
         return total
 
@@ -120,17 +129,20 @@ class ScyllaPolicy:
             if (probe[0], probe[1], batch) not in self._steps:
                 return probe
 
-        def rate(arm):
+        def rate(arm, accept=None):
             seconds = self.expected_seconds(arm[0], arm[1], batch)
             if seconds is None:  # neither seen nor predictable yet
                 return -math.inf
-            return self.expected_tokens(arm[0], arm[1], batch) * batch / max(seconds, 1e-9)
+            return self.expected_tokens(arm[0], arm[1], batch, accept) * batch / max(seconds, 1e-9)
 
         best = max(arms, key=rate)
         if self._rng.random() < self.explore / (1 + n / 20):
             at = depths.index(best[0])
             near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - at) == 1 and a[1] in (best[1], 1))
                                                       or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
+            # An arm too slow to win even if every draft were accepted is not worth a try.
+            bar = rate(best)
+            near = [a for a in near if rate(a, MAX_ACCEPT) > bar or self.expected_seconds(a[0], a[1], batch) is None]
             if near:
                 return self._rng.choice(near)
         return best

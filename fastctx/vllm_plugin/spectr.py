@@ -20,6 +20,10 @@ logit bias, allowed/bad words, a seed) get no drafts and decode as without specu
     --speculative-config '{"method": "custom_class", "model": "fastctx.vllm_plugin.spectr.SpecTrProposer",
                            "num_speculative_tokens": 5}'            # depth 4: 4 drafts + 1
     --additional-config '{"fastctx_spectr": {"chains": 4}}'
+
+vLLM's per-batch-size schedule applies too: with ``"num_speculative_tokens_per_batch_size": [[1, 2, 4],
+[3, 64, 0]]`` in the speculative config a step of b requests drafts the schedule's depth for b (here
+4 up to two requests, none beyond), capped at ``num_speculative_tokens - 1``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from vllm.logger import init_logger
 
 from fastctx.methods.base import KnobError
+from fastctx.specdec.hf_loop import INTERPOLATION
 
 logger = init_logger("vllm.fastctx.spectr")
 
@@ -44,8 +49,9 @@ CONFIG_KEY = "fastctx_spectr"
 class SpecTrParams:
     chains: int = 4  # k i.i.d. draft chains per step (with scylla: the most it may pick)
     scylla: bool = False  # pick depth (0 .. num_speculative_tokens - 1) and chains per step (ScyllaPolicy)
-    ngram_min: int = 2  # the n-gram draft: shortest context suffix looked up
+    ngram_min: int = 1  # the n-gram draft: shortest context suffix looked up
     ngram_max: int = 4  # longest
+    ngram_interpolation: float = INTERPOLATION  # each longer context's weight over the shorter ones' (1: longest)
     seed: int = 0  # the proposer's own random stream (drafts and K-SEQ's coins)
 
     @classmethod
@@ -64,7 +70,13 @@ class SpecTrParams:
         if not 1 <= params.ngram_min <= params.ngram_max:
             raise KnobError(f"{CONFIG_KEY}: ngram_min={params.ngram_min}, ngram_max={params.ngram_max}: "
                             "need 1 <= ngram_min <= ngram_max")
+        if not (isinstance(params.ngram_interpolation, (int, float)) and 0 < params.ngram_interpolation <= 1):
+            raise KnobError(f"{CONFIG_KEY}.ngram_interpolation={params.ngram_interpolation!r}: give a weight in "
+                            "(0, 1]; 1 drafts from the longest matching context alone")
         spec = vllm_config.speculative_config
+        if params.scylla and getattr(spec, "num_speculative_tokens_per_batch_size", None):
+            raise KnobError(f"{CONFIG_KEY}.scylla=true picks the depth per step itself; drop "
+                            "num_speculative_tokens_per_batch_size from --speculative-config, or scylla")
         if spec.num_speculative_tokens < 2:
             raise KnobError(f"SpecTr: num_speculative_tokens={spec.num_speculative_tokens} leaves no draft depth; "
                             "it carries the verified drafts plus one token, so set it to depth + 1 (>= 2)")
@@ -134,6 +146,15 @@ class SpecTrProposer:
 
             chains = tuple(c for c in (1, 2, 4, 8, 16) if c <= self.params.chains)
             self.policy = ScyllaPolicy(depths=tuple(range(self.depth + 1)), chains=chains, seed=self.params.seed)
+        # vLLM's own per-batch-size schedule (num_speculative_tokens_per_batch_size): vLLM passes its
+        # choice to built-in proposers only, so the proposer reads the same lookup vLLM builds.
+        self.table = None
+        schedule = getattr(vllm_config.speculative_config, "num_speculative_tokens_per_batch_size", None)
+        if schedule:
+            from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+            self.table = build_dynamic_sd_schedule_lookup(schedule, vllm_config.scheduler_config.max_num_seqs,
+                                                          vllm_config.speculative_config.num_speculative_tokens)
         self._last_step = None  # (depth, chains, request ids, accepted, started) of a step Scylla has yet to time
         self.arms: dict[str, int] = {}
         self.runner = None
@@ -189,9 +210,14 @@ class SpecTrProposer:
         if not eligible:
             return out
         step_arm = self.policy.choose(len(eligible)) if self.policy else None
+        table_depth = None
+        if self.table is not None:  # indexed like vLLM's scheduler: by the step's number of requests
+            table_depth = min(self.table[min(len(sampled_token_ids), len(self.table) - 1)], self.depth)
         work = []
         for row, req_id, temperature, arm in eligible:
             depth, k = step_arm or arm
+            if table_depth is not None:
+                depth = table_depth
             self.arms[f"d{depth}k{k}"] = self.arms.get(f"d{depth}k{k}", 0) + 1
             if depth:
                 tokens = token_ids_cpu[row, :int(num_tokens_no_spec[row])].tolist()
@@ -206,7 +232,8 @@ class SpecTrProposer:
 
     def _request_arm(self, sp) -> tuple[int, int]:
         """(depth, chains) of a request: the engine's, or its ``extra_args={"spectr": {"depth", "chains"}}``
-        within the engine's bounds (depth 0: no drafts). Scylla's choice overrides both."""
+        within the engine's bounds (depth 0: no drafts). Scylla's choice overrides both; vLLM's
+        per-batch-size schedule, where set, overrides the depth."""
         ask = (sp.extra_args or {}).get("spectr") or {}
         depth, k = ask.get("depth", self.depth), ask.get("chains", self.params.chains)
         if not (isinstance(depth, int) and 0 <= depth <= self.depth and isinstance(k, int) and 1 <= k <= 16):
@@ -238,7 +265,8 @@ class SpecTrProposer:
             # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
             draft = self.drafts.get(req_id)
             if draft is None:
-                draft = self.drafts[req_id] = NgramDraft(self.vocab, self.params.ngram_min, self.params.ngram_max)
+                draft = self.drafts[req_id] = NgramDraft(self.vocab, self.params.ngram_min, self.params.ngram_max,
+                                                         float(self.params.ngram_interpolation))
             drafts, p = draft.propose(tokens, k if temperature else 1, depth, temperature, self.gen)
             start = len(tokens) - 1  # the newest token has no KV yet; everything before it does
             drafted.append((drafts, p))

@@ -1,0 +1,85 @@
+"""How often K-SEQ accepts the first draft token, for n-gram draft distributions and chain counts.
+
+No sampling noise in the acceptance: the target samples each copy-task prompt's continuation once
+(temperature 1, as ``spec_decode.py``), then at every sampled position the target's distribution
+(teacher-forced) and each draft's distribution over the same context give K-SEQ's acceptance
+probability ``1 - (1 - beta(rho*))^k`` exactly (``fastctx.specdec.kseq``); the table is its mean.
+It ranks draft distributions without the variance of whole generations, where whether the model
+keeps copying swings accepted lengths more than the draft does.
+
+    python benchmarks/draft_acceptance.py                 # 6 prompts x 64 tokens
+    python benchmarks/draft_acceptance.py --prompts 12 --new-tokens 96
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from spec_decode import copy_prompts  # noqa: E402
+
+from fastctx.specdec.hf_loop import NgramDraft
+from fastctx.specdec.kseq import acceptance, beta, optimal_rho
+
+from engines import machine  # noqa: E402  (benchmarks/ is on sys.path)
+
+# name -> (min_n, max_n, interpolation)
+DRAFTS = {"longest_2_4": (2, 4, 1.0), "interp0.5_2_4": (2, 4, 0.5), "interp0.7_2_4": (2, 4, 0.7),
+          "interp0.5_1_4": (1, 4, 0.5)}
+CHAINS = (1, 2, 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--context", type=int, default=512, help="passage tokens per prompt")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastctx.default_model import require_default_model
+
+    torch.set_num_threads(args.threads)
+    model_dir = str(require_default_model())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    sums = {(name, k): 0.0 for name in DRAFTS for k in CHAINS}
+    positions = 0
+    for i, prompt in enumerate(copy_prompts(tok, args.prompts, args.context)):
+        torch.manual_seed(i)
+        with torch.inference_mode():
+            seq = model.generate(torch.tensor([prompt]), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=args.new_tokens)[0].tolist()
+            logits = model(torch.tensor([seq])).logits[0].double()
+        drafts = {name: NgramDraft(vocab, *knobs) for name, knobs in DRAFTS.items()}
+        for t in range(len(prompt), len(seq)):
+            target = torch.softmax(logits[t - 1], -1)[None]
+            for name, draft in drafts.items():
+                draft._index(seq[:t])
+                q = draft.dist(seq[:t][-draft.max_n:])[None]
+                for k in CHAINS:
+                    sums[name, k] += float(acceptance(beta(q, target, optimal_rho(q, target, k)), k))
+            positions += 1
+        print(f"prompt {i}: {positions} positions", flush=True)
+
+    mean = {name: {k: sums[name, k] / positions for k in CHAINS} for name in DRAFTS}
+    print(f"\n{'draft (min_n, max_n, interpolation)':36s} " + " ".join(f"{'k=' + str(k):>7s}" for k in CHAINS)
+          + f" {'k4 / k1':>8s}")
+    for name, knobs in DRAFTS.items():
+        print(f"{name + ' ' + str(knobs):36s} " + " ".join(f"{mean[name][k]:7.3f}" for k in CHAINS)
+              + f" {mean[name][4] / mean[name][1]:8.3f}")
+    print(json.dumps({"prompts": args.prompts, "context": args.context, "new_tokens": args.new_tokens,
+                      "positions": positions, "temperature": 1.0, "machine": machine(),
+                      "first_draft_acceptance": mean,
+                      "k4_over_k1": {name: mean[name][4] / mean[name][1] for name in DRAFTS}}))
+
+
+if __name__ == "__main__":
+    main()
