@@ -140,10 +140,8 @@ def test_scylla_stops_speculating_where_drafting_costs_more_than_it_saves():
     assert policy.choose(1) == (0, 1)
 
 
-def test_scylla_tries_few_arms_where_speculation_does_not_pay():
-    """The laws rank the arms: no arm is run just to be tried, and exploration stays near the best, so a
-    policy with 19 arms (depths 0-6, 1/2/4 chains, as in vLLM) wastes few steps on costly ones."""
-    policy = ScyllaPolicy(depths=tuple(range(7)), chains=(1, 2, 4), seed=2)
+def recorded(policy: ScyllaPolicy) -> list[tuple[int, int]]:
+    """The arms ``policy`` chooses from now on, in order."""
     runs = []
     original = policy.choose
 
@@ -152,6 +150,14 @@ def test_scylla_tries_few_arms_where_speculation_does_not_pay():
         return runs[-1]
 
     policy.choose = choose
+    return runs
+
+
+def test_scylla_tries_few_arms_where_speculation_does_not_pay():
+    """The laws rank the arms: no arm is run just to be tried, and exploration stays near the best, so a
+    policy with 19 arms (depths 0-6, 1/2/4 chains, as in vLLM) wastes few steps on costly ones."""
+    policy = ScyllaPolicy(depths=tuple(range(7)), chains=(1, 2, 4), seed=2)
+    runs = recorded(policy)
     simulate(policy, 200, 4, random.Random(2), draft_s=0.05)
     assert len(set(runs)) <= 6
     assert sum(1 for depth, k in runs if depth >= 2 or k > 1) <= 8
@@ -162,14 +168,7 @@ def test_scylla_does_not_explore_an_arm_that_cannot_win():
     """At batch 8 a one-draft step costs 4x a plain one: even with every draft accepted it yields 2
     tokens, so after its probe the policy never drafts again (before, it explored it now and then)."""
     policy = ScyllaPolicy(depths=(0, 1, 2), chains=(1, 2), explore=0.5, seed=3)
-    runs = []
-    original = policy.choose
-
-    def choose(batch):
-        runs.append(original(batch))
-        return runs[-1]
-
-    policy.choose = choose
+    runs = recorded(policy)
     simulate(policy, 300, 8, random.Random(3), draft_s=0.05)
     assert runs[:2] == [(0, 1), (1, 1)] and sum(1 for depth, _ in runs if depth) == 1
 
