@@ -8,6 +8,7 @@ It ranks draft distributions without the variance of whole generations, where wh
 keeps copying swings accepted lengths more than the draft does.
 
     python benchmarks/draft_acceptance.py                 # 6 prompts x 64 tokens
+    python benchmarks/draft_acceptance.py --quick         # 2 prompts x 32 tokens
     python benchmarks/draft_acceptance.py --prompts 12 --new-tokens 96
 
 The last line printed is one JSON object.
@@ -39,7 +40,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="passage tokens per prompt")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="2 prompts x 32 tokens")
     args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.new_tokens = 2, 32
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,9 +65,10 @@ def main() -> None:
         drafts = {name: NgramDraft(vocab, *knobs) for name, knobs in DRAFTS.items()}
         for t in range(len(prompt), len(seq)):
             target = torch.softmax(logits[t - 1], -1)[None]
+            context = seq[:t]
             for name, draft in drafts.items():
-                draft._index(seq[:t])
-                q = draft.dist(seq[:t][-draft.max_n:])[None]
+                draft._index(context)
+                q = draft.dist(context[-draft.max_n:])[None]
                 for k in CHAINS:
                     sums[name, k] += float(acceptance(beta(q, target, optimal_rho(q, target, k)), k))
             positions += 1

@@ -150,6 +150,7 @@ def run_hf(args) -> dict:
 
 
 SPECTR = "fastctx.vllm_plugin.spectr.SpecTrProposer"
+SPECTR_ENGINES = ("fastctx", "scylla", "vllm_table")  # the engines running fastctx's proposer
 
 
 def copy_prompts(tok, count: int, context: int) -> list[list[int]]:
@@ -210,22 +211,25 @@ def run_vllm(args) -> dict:
         extra = {"spectr": arm} if arm else None
         return SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True, extra_args=extra)
 
-    for llm in engines.values():  # prefill every prompt once (prefix cache) and warm up
+    def warm(llm):  # prefill every prompt once (prefix cache) and warm up
         llm.generate([{"prompt_token_ids": p} for p in prompts], sampling(None, 2), use_tqdm=False)
+
+    for llm in engines.values():
+        warm(llm)
     results: dict[str, dict] = {name: {} for name in runs}
 
     def timed(b, name, engine, arm):
         """Time one run of ``name`` at batch size ``b`` into ``results``."""
         batch = [{"prompt_token_ids": p} for p in prompts[:b]]
         llm = engines[engine]
-        if engine in ("fastctx", "scylla", "vllm_table"):
+        if engine in SPECTR_ENGINES:
             llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
         before = spec_metrics(llm)
         t0 = time.perf_counter()
         outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        if engine in ("fastctx", "scylla", "vllm_table"):
+        if engine in SPECTR_ENGINES:
             st = llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
             accept = st["tokens_per_verification"] or 1.0
         elif engine == "vllm_ngram":
@@ -255,7 +259,7 @@ def run_vllm(args) -> dict:
     table_config = {**spectr, "num_speculative_tokens_per_batch_size": schedule}
     engines["vllm_table"] = LLM(**base, speculative_config=table_config,
                                 additional_config={"fastctx_spectr": {"chains": 1}})
-    engines["vllm_table"].generate([{"prompt_token_ids": p} for p in prompts], sampling(None, 2), use_tqdm=False)
+    warm(engines["vllm_table"])
     runs["vllm_table"] = ("vllm_table", None)
     results["vllm_table"] = {}
     for b in batches:
