@@ -41,7 +41,12 @@ def test_density_one_equals_dense_attention():
 
 
 @pytest.mark.parametrize("kind", list(INDEXES))
-def test_density_counts_the_mask(kind):
+@pytest.mark.parametrize("chunk", [None, 1, 3000], ids=["whole", "block-by-block", "few-blocks"])
+def test_density_counts_the_mask(kind, chunk, monkeypatch):
+    from fastctx.kernels import sparse
+
+    if chunk is not None:  # elements counted at once: as for a long index, a few blocks at a time
+        monkeypatch.setattr(sparse, "_COUNT_ELEMENTS", chunk)
     index = INDEXES[kind](9, 150, 30, 32)
     mask = index.mask()
     causal = sum(30 + i + 1 for i in range(150)) * 9

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastctx.kernels.paged import PagedKV
-from fastctx.kernels.sparse_triton import fold_tile
+from fastctx.kernels.sparse_triton import LOG2E, dot_f32, fold_tile
 
 DENSE, WINDOW, INDEX = 0, 1, 2
 
@@ -33,7 +33,7 @@ def _rows(base, table, kpos, ok, BS, sb, st, sd, dims, dim_ok):
 
 
 @triton.jit
-def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, group, BS, dim,
+def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale_log2, group, BS, dim,
                   stride_qt, stride_qh, stride_ot, stride_oh,
                   ksb, ksh, kst, ksd, vsb, vsh, vst, vsd,
                   sink, local, n_ranges, n_cols, index_block,
@@ -81,7 +81,7 @@ def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, gr
                 ok = ok & ((kpos[None, :] < sink) | (kpos[None, :] > qpos[:, None] - local))
             k_tile = _rows(k_base, TABLE, kpos, key_ok, BS, ksb, kst, ksd, dims, dim_ok)
             v_tile = _rows(v_base, TABLE, kpos, key_ok, BS, vsb, vst, vsd, dims, dim_ok)
-            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
+            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale_log2, DOT_F32)
     if MODE == 2:
         col_base = COLS + (h * index_block + r) * n_cols
         for c0 in range(0, n_cols, BLOCK_N):
@@ -92,7 +92,7 @@ def _paged_kernel(Q, Out, K, V, TABLE, RANGES, COLS, q_len, first_pos, scale, gr
             ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
             k_tile = _rows(k_base, TABLE, safe, key_ok, BS, ksb, kst, ksd, dims, dim_ok)
             v_tile = _rows(v_base, TABLE, safe, key_ok, BS, vsb, vst, vsd, dims, dim_ok)
-            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
+            m_i, l_i, acc = fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale_log2, DOT_F32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
@@ -116,14 +116,12 @@ def paged_attention_triton(query: torch.Tensor, kv: PagedKV, block_table: torch.
                            query_start: Sequence[int], seq_lens: Sequence[int], reads, *, scale: float,
                            out: torch.Tensor, block_m: int = 32, block_n: int = 32) -> torch.Tensor:
     """``paged_attention``'s contract (no explicit positions; see ``why_not_triton_paged``)."""
-    from fastctx.kernels.sparse_triton import _INTERPRETED
-
     heads, dim = query.shape[1], query.shape[2]
     group = heads // kv.kv_heads
     table = block_table.to(device=query.device, dtype=torch.int32)
     dummy = torch.zeros(1, dtype=torch.int32, device=query.device)
     common = dict(D=max(16, triton.next_power_of_2(dim)), BLOCK_N=block_n,
-                  DOT_F32=query.dtype == torch.bfloat16 and _INTERPRETED)
+                  DOT_F32=dot_f32(query.dtype))
     for b, read in enumerate(reads):
         q0, q1 = query_start[b], query_start[b + 1]
         if read.kind == "skip" or q1 == q0:
@@ -141,7 +139,7 @@ def paged_attention_triton(query: torch.Tensor, kv: PagedKV, block_table: torch.
             n_ranges, n_cols, index_block = ranges.shape[2], cols.shape[2], ranges.shape[1]
         q, o = query[q0:q1], out[q0:q1]
         _paged_kernel[(triton.cdiv(q_len, bm), heads)](
-            q, o, kv.key, kv.value, table[b], ranges, cols, q_len, seq_lens[b] - q_len, float(scale), group,
+            q, o, kv.key, kv.value, table[b], ranges, cols, q_len, seq_lens[b] - q_len, float(scale) * LOG2E, group,
             kv.block_size, dim, q.stride(0), q.stride(1), o.stride(0), o.stride(1),
             *kv.key.stride(), *kv.value.stride(), sink, local, n_ranges, n_cols, index_block,
             MODE=mode, BLOCK_M=bm, **common)

@@ -109,29 +109,43 @@ def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.T
                       first_block: int = 0, has_cols: bool | None = None) -> tuple[int, int]:
     """(read, causal) (query, key) pairs summed over heads, for query rows at ``row_pos`` (ascending)
     in index blocks ``first_block, first_block + 1, ...`` of ``block_q`` rows. Ranges and columns of
-    one block never overlap (the index builders drop columns inside ranges)."""
-    heads = ranges.shape[0]
+    one block never overlap (the index builders drop columns inside ranges). Counted a few blocks at
+    a time, so that a 128K-token index needs no more memory than a short one; on the index's device."""
+    heads, device = ranges.shape[0], ranges.device
     n = len(row_pos)
     blocks = -(-n // block_q)
-    pos = row_pos.long()
+    pos = row_pos.to(device=device, dtype=torch.long)
     causal = int((pos + 1).sum()) * heads
-    col = cols[:, first_block:first_block + blocks].long()  # [H, R, NC]
+    col = cols[:, first_block:first_block + blocks]  # [H, R, NC]
     if has_cols is None:
         has_cols = bool((col >= 0).any())
-    rng = ranges[:, first_block + torch.arange(n) // block_q].long()  # [H, n, NR, 2]
-    visible_end = torch.minimum(rng[..., 1], pos[None, :, None] + 1)
-    from_ranges = (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()
-    if not has_cols:
-        return int(from_ranges), causal
-    # A column is read by the rows of its block at or after it: rows minus those before it.
     rows = block_q if blocks > 1 else n  # (a decode's one block may be nominally huge)
-    padded = torch.full((blocks * rows,), 1 << 62, dtype=torch.long)
-    padded[:n] = pos
+    step = max(1, _COUNT_ELEMENTS // (heads * (rows * 2 * ranges.shape[2] + col.shape[2])))
+    read = 0
+    for b0 in range(0, blocks, step):
+        b1 = min(blocks, b0 + step)
+        part = pos[b0 * rows:b1 * rows]
+        rng = ranges[:, first_block + b0 + torch.arange(len(part), device=device) // rows].long()  # [H, rows, NR, 2]
+        visible_end = torch.minimum(rng[..., 1], part[None, :, None] + 1)
+        read += int((visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum())
+        if has_cols:
+            read += _column_pairs(col[:, b0:b1].long(), part, rows, heads)
+    return read, causal
+
+
+_COUNT_ELEMENTS = 1 << 24  # per chunk of blocks that index_pair_counts holds at once
+
+
+def _column_pairs(col: torch.Tensor, pos: torch.Tensor, rows: int, heads: int) -> int:
+    """Pairs read through the columns ``col`` [H, blocks, NC] of consecutive blocks of ``rows`` rows at
+    positions ``pos``: a column is read by the rows of its block at or after it."""
+    blocks = col.shape[1]
+    padded = torch.full((blocks * rows,), 1 << 62, dtype=torch.long, device=col.device)
+    padded[:len(pos)] = pos
     block_pos = padded.view(blocks, rows)  # ascending per block
     before = torch.searchsorted(block_pos[None].expand(heads, -1, -1).contiguous(), col.contiguous())
-    rows_in_block = torch.clamp(n - torch.arange(blocks) * block_q, max=block_q)
-    from_cols = torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum()
-    return int(from_ranges + from_cols), causal
+    rows_in_block = torch.clamp(len(pos) - torch.arange(blocks, device=col.device) * rows, max=rows)
+    return int(torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum())
 
 
 def _no_cols(heads: int, blocks: int) -> torch.Tensor:
@@ -169,12 +183,12 @@ def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int =
 def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int) -> torch.Tensor:
     """``[H, R, G, 2]`` ranges of blocks of ``rows`` rows (``first``/``last`` ``[R]``) from diagonal
     ``offsets`` ``[H, NS]`` sorted descending: diagonals whose key intervals touch merge into one."""
-    heads = offsets.shape[0]
+    heads, on = offsets.shape[0], {"device": offsets.device, "dtype": torch.long}
     gap = (offsets[:, :-1] - offsets[:, 1:]) > rows
-    group = torch.cat([torch.zeros(heads, 1, dtype=torch.long), gap.long().cumsum(1)], 1)
+    group = torch.cat([torch.zeros(heads, 1, **on), gap.long().cumsum(1)], 1)
     groups = int(group[:, -1].max()) + 1
-    smax = torch.full((heads, groups), -1, dtype=torch.long).scatter_reduce(1, group, offsets, "amax")
-    smin = torch.full((heads, groups), 1 << 40, dtype=torch.long).scatter_reduce(1, group, offsets, "amin")
+    smax = torch.full((heads, groups), -1, **on).scatter_reduce(1, group, offsets, "amax")
+    smin = torch.full((heads, groups), 1 << 40, **on).scatter_reduce(1, group, offsets, "amin")
     start = (first[None, :, None] - smax[:, None]).clamp(min=0)  # [H, R, G]
     end = last[None, :, None] - smin[:, None] + 1
     # Groups beyond a block's causal reach (the largest offsets, so a prefix) read nothing;
@@ -193,23 +207,24 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     ``[H, NS]``: diagonal offsets (query position - key position >= 0) read by
     every query. Per query block, diagonals whose key intervals touch are
     merged into one contiguous range (as MInference's index converter does);
-    verticals already inside a range are dropped from the columns.
+    verticals already inside a range are dropped from the columns. Built on the inputs' device.
     """
-    heads = vertical.shape[0]
+    heads, device = vertical.shape[0], vertical.device
     if slash.shape[0] != heads:
         raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
-    first, last = _block_rows(q_len, prefix, block_q, None)
+    first, last = (t.to(device) for t in _block_rows(q_len, prefix, block_q, None))
     sizes = last - first + 1
     offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
     parts = []
     for rows in torch.unique(sizes).tolist():  # full blocks, then a shorter last block
         sel = sizes == rows
         parts.append((sel, _slash_ranges(offsets, first[sel], last[sel], rows)))
-    ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long)
+    ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long,
+                        device=device)
     for sel, r in parts:
         ranges[:, sel, : r.shape[2]] = r
     verts = vertical.long().sort(1).values  # [H, NV]
-    repeat = torch.cat([torch.zeros(heads, 1, dtype=torch.bool), verts[:, 1:] == verts[:, :-1]], 1)
+    repeat = torch.cat([torch.zeros(heads, 1, dtype=torch.bool, device=device), verts[:, 1:] == verts[:, :-1]], 1)
     at = torch.searchsorted(ranges[..., 0].contiguous(),
                             verts[:, None].expand(-1, len(first), -1).contiguous(), right=True) - 1
     covered = (at >= 0) & (verts[:, None] < ranges[..., 1].gather(2, at.clamp(min=0)))

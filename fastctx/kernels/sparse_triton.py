@@ -14,6 +14,8 @@ import triton.language as tl
 
 from fastctx.kernels.sparse import SparseIndex, joined_chunk
 
+LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2 (exp2), the scale folded with log2(e)
+
 
 def triton_head_dim(dim: int) -> bool:
     """Whether the Triton kernels take this head_dim (``tl.dot`` tiles: a power of two >= 16)."""
@@ -26,29 +28,35 @@ def _require_head_dim(dim: int) -> None:
 
 
 @triton.jit
-def fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
-    """One key tile into the online softmax (FlashAttention's recurrence); ``ok`` [rows, keys] says
-    which scores count."""
+def fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale_log2, DOT_F32: tl.constexpr):
+    """One key tile into the online softmax (FlashAttention's recurrence, in base 2: ``scale_log2`` is
+    the softmax scale times log2(e)); ``ok`` [rows, keys] says which scores count. ``DOT_F32``: both
+    products in exact float32 (float32 inputs, whose default on a GPU would be TF32, and bf16 under the
+    interpreter, which computes bf16 dots wrongly)."""
     if DOT_F32:
-        q = q.to(tl.float32)
-        k_tile = k_tile.to(tl.float32)
-        v_tile = v_tile.to(tl.float32)
-    s = tl.where(ok, tl.dot(q, tl.trans(k_tile)) * scale, float("-inf"))
+        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k_tile))
+    s = tl.where(ok, s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    corr = tl.exp(m_i - m_safe)
-    return m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None] + tl.dot(p.to(v_tile.dtype), v_tile)
+    p = tl.exp2(s - m_safe[:, None])
+    corr = tl.exp2(m_i - m_safe)
+    if DOT_F32:
+        pv = tl.dot(p, v_tile.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v_tile.dtype), v_tile)
+    return m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None] + pv
 
 
 @triton.jit
-def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+def _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale_log2, DOT_F32: tl.constexpr):
     ok = key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-    return fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale, DOT_F32)
+    return fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale_log2, DOT_F32)
 
 
 @triton.jit
-def _sparse_prefill_kernel(Q, K, V, Out, RANGES, COLS, q_len, prefix, scale,
+def _sparse_prefill_kernel(Q, K, V, Out, RANGES, COLS, q_len, prefix, scale_log2,
                            num_blocks, group, n_ranges, n_cols, block_q,
                            stride_qh, stride_qt, stride_kh, stride_kt,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -76,7 +84,7 @@ def _sparse_prefill_kernel(Q, K, V, Out, RANGES, COLS, q_len, prefix, scale,
             key_ok = kpos < end
             k_tile = tl.load(k_base + kpos[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
             v_tile = tl.load(v_base + kpos[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
-            m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32)
+            m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale_log2, DOT_F32)
     col_base = COLS + (h * num_blocks + r) * n_cols
     for c0 in range(0, n_cols, BLOCK_N):
         idx = c0 + tl.arange(0, BLOCK_N)
@@ -85,25 +93,30 @@ def _sparse_prefill_kernel(Q, K, V, Out, RANGES, COLS, q_len, prefix, scale,
         safe = tl.where(key_ok, kpos, 0)
         k_tile = tl.load(k_base + safe[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
         v_tile = tl.load(v_base + safe[:, None] * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
-        m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale, DOT_F32)
+        m_i, l_i, acc = _fold(q, k_tile, v_tile, kpos, key_ok, qpos, m_i, l_i, acc, scale_log2, DOT_F32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + h * stride_qh + rows[:, None] * stride_qt + dims[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
 
 
 @triton.jit
-def _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_F32: tl.constexpr):
     """Scores of the query rows against keys ``s0 .. s0 + BLOCK_N`` and which are causal and real."""
     keys = s0 + tl.arange(0, BLOCK_N)
     k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k_tile.to(tl.float32))) * scale
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k_tile)) * scale
     ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
     return keys, s, ok
 
 
 @triton.jit
 def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, stride_kh,
-                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            DOT_F32: tl.constexpr):
     # One program per (tile of the last queries, head). Pass 1 finds each row's softmax
     # max and sum; pass 2 adds the normalized probabilities to the column sums and,
     # by diagonal offset (query position - key position), to the slash sums.
@@ -114,12 +127,11 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
     qpos = tk - n + rows
     dims = tl.arange(0, D)
     q = tl.load(Q + h * stride_qh + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-    q = q.to(tl.float32)
     k_base = K + (h // group) * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for s0 in range(0, tk, BLOCK_N):
-        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N)
+        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N, DOT_F32)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -128,11 +140,21 @@ def _last_query_sums_kernel(Q, K, VERT, SLASH, n, tk, group, scale, stride_qh, s
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows with l_i = 0 are masked out below
     for s0 in range(0, tk, BLOCK_N):
-        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N)
+        keys, s, ok = _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D, BLOCK_N, DOT_F32)
         p = tl.where(ok, tl.exp(s - m_safe[:, None]) * inv[:, None], 0.0)
         tl.atomic_add(VERT + h * tk + keys, tl.sum(p, 0), mask=keys < tk)
         offsets = tl.where(ok, qpos[:, None] - keys[None, :], 0)
         tl.atomic_add(SLASH + h * tk + offsets, p, mask=ok)
+
+
+# TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions.
+_INTERPRETED = type(_sparse_prefill_kernel).__name__ == "InterpretedFunction"
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Whether the kernels' dots run in exact float32: float32 inputs (a GPU's default would be TF32),
+    and bf16 under the interpreter (it computes bf16 dots wrongly; GPUs keep bf16 dots)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED)
 
 
 def last_query_sums_triton(q, k, prefix: int, last_q: int, scale: float | None = None,
@@ -152,18 +174,17 @@ def last_query_sums_triton(q, k, prefix: int, last_q: int, scale: float | None =
     block_m = 16 if n <= 16 else 32
     _last_query_sums_kernel[(triton.cdiv(n, block_m), heads)](
         q_last, k, vertical, slash, n, tk, heads // k.shape[0], dim ** -0.5 if scale is None else scale,
-        q_last.stride(0), k.stride(0), D=dim, BLOCK_M=block_m, BLOCK_N=block_n)
+        q_last.stride(0), k.stride(0), D=dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_f32(q.dtype))
     return vertical, slash
-
-
-# TRITON_INTERPRET=1 at import time makes @triton.jit build interpreted functions.
-_INTERPRETED = type(_sparse_prefill_kernel).__name__ == "InterpretedFunction"
 
 
 def sparse_prefill_attention_triton(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                                     index: SparseIndex, scale: float | None = None,
-                                    block_n: int = 64) -> torch.Tensor:
-    """Same contract as ``sparse_prefill_attention``; runs on CUDA tensors (or under TRITON_INTERPRET)."""
+                                    block_n: int = 64, num_warps: int | None = None,
+                                    num_stages: int | None = None) -> torch.Tensor:
+    """Same contract as ``sparse_prefill_attention``; runs on CUDA tensors (or under TRITON_INTERPRET).
+    ``block_n``, ``num_warps`` and ``num_stages`` are the launch's tile and pipeline knobs (Triton's
+    defaults for the last two when None)."""
     k, v, prefix = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)
     heads, q_len, dim = q.shape
     _require_head_dim(dim)
@@ -176,11 +197,10 @@ def sparse_prefill_attention_triton(q, k_new, v_new, k_prefix=None, v_prefix=Non
     ranges = index.ranges.to(q.device).contiguous()
     cols = index.cols.to(q.device).contiguous()
     scale = dim ** -0.5 if scale is None else scale
+    launch = {name: n for name, n in (("num_warps", num_warps), ("num_stages", num_stages)) if n is not None}
     _sparse_prefill_kernel[(index.num_blocks, heads)](
-        q, k, v, out, ranges, cols, q_len, prefix, scale,
+        q, k, v, out, ranges, cols, q_len, prefix, scale * LOG2E,
         index.num_blocks, heads // k.shape[0], ranges.shape[2], cols.shape[2], block_q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        # Triton's CPU interpreter computes bf16 tl.dot wrongly; GPUs keep bf16 dots.
-        DOT_F32=q.dtype == torch.bfloat16 and _INTERPRETED)
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=dot_f32(q.dtype), **launch)
     return out
