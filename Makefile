@@ -45,7 +45,7 @@ $(SGL_STAMP): pyproject.toml support/sglang_cpu/requirements.txt $(wildcard supp
 	$(SGL_PY) -m pip install -q --no-deps ./support/sglang_cpu
 	cp support/sglang_cpu/sglang_cpu_support.pth "$$($(SGL_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 	$(SGL_PY) -m pip install -q --no-deps -e .
-	SGLANG_USE_CPU_ENGINE=1 $(SGL_PY) -c "import torch, sglang.srt.entrypoints.engine; assert torch.__version__.endswith('+cpu')"
+	SGLANG_USE_CPU_ENGINE=1 $(SGL_PY) -c "import torch, sglang.srt.entrypoints.engine, sglang.srt.speculative.ngram_worker; assert torch.__version__.endswith('+cpu')"
 	touch $@
 
 model: install

@@ -311,3 +311,39 @@ def test_fast_paths_run_where_the_cpu_has_them(dtype):
         want = "amx" if dtype == torch.bfloat16 and features["avx512_bf16"] and features["amx_bf16"] else "micro"
     assert kernel_path(dtype, 64) == want
     assert kernel_path(dtype, 80) == "sgemm"
+
+
+@pytest.mark.parametrize("impl", ["cpp", "cpp-sgemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tree_verification_reads_each_chain_as_a_causal_sequence(impl, dtype):
+    """SpecTr's chains laid out as one draft tree after each request's context (SGLang's verification
+    batch): every node attends as it would in a causal prefill of the context, the root and its chain."""
+    from fastctx.kernels.sparse import tree_index
+    from fastctx.specdec.tree import accepted_path, chain_tree, tree_size
+
+    heads, kv_heads, dim, chains, depth, contexts = 9, 3, 64, 3, 2, [37, 130]
+    n = tree_size(chains, depth)
+    g = torch.Generator().manual_seed(3)
+    seqs = [tuple(torch.randn(kv_heads, c + n, dim, generator=g).to(dtype) for _ in range(2)) for c in contexts]
+    query = torch.randn(len(contexts) * n, heads, dim, generator=g).to(dtype)
+    kv, table = paged_copy(seqs, "vllm_cpu", block_size=32)
+    reads = [Read.indexed(tree_index(chain_tree(chains, depth), c, heads)) for c in contexts]
+    got = PAGED_IMPLS[impl](query, kv, table, [0, n, 2 * n], [c + n for c in contexts], reads, scale=dim ** -0.5)
+    for b, c in enumerate(contexts):
+        k, v = seqs[b]
+        for chain in range(chains):
+            nodes = accepted_path(chain, depth, depth)
+            rows = [b * n + node for node in nodes]
+            keys = [c + node for node in nodes]
+            want = prefill_attention(query[rows].transpose(0, 1), k[:, keys], v[:, keys], k[:, :c], v[:, :c],
+                                     scale=dim ** -0.5).transpose(0, 1)
+            _close(got[rows], want, dtype)
+
+
+def test_a_tree_mask_must_mark_each_node_and_only_earlier_ones():
+    from fastctx.kernels.sparse import tree_index
+
+    with pytest.raises(ValueError, match="parents come first"):
+        tree_index(torch.ones(3, 3, dtype=torch.bool), 10, 2)
+    with pytest.raises(ValueError, match="parents come first"):
+        tree_index(torch.zeros(3, 3, dtype=torch.bool), 10, 2)

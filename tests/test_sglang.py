@@ -130,10 +130,39 @@ def test_the_server_names_its_fastctx_config(sglang):
     assert prefill["density"] < 0.3
 
 
-def test_speculative_decoding_is_refused_at_launch(sglang, model_dir, tmp_path):
-    """Its verification batches would reach torch_native, which cannot verify trees: refuse up front."""
-    srv = SglangServer(model_dir, {"attention": "dense"}, tmp_path / "spec.log", max_model_len=4096,
-                       extra_args=["--speculative-algorithm", "NGRAM"])
-    with pytest.raises(ServerError, match="has no speculative verification path"):
+SPECTR = ["--speculative-algorithm", "SPECTR", "--speculative-num-draft-tokens", "9",
+          "--fastctx-spectr", '{"chains": 4}']  # 4 chains of depth 2
+
+
+@pytest.mark.parametrize("algorithm", ["SPECTR", "NGRAM"])
+def test_speculative_greedy_equals_torch_native(sglang, torch_native, algorithm):
+    """Draft trees (fastctx's SpecTr chains, SGLang's own NGRAM trie) verified by the backend's tree
+    reads: greedy tokens are those of no speculation, radix hit included; drafts of a prompt that
+    repeats itself are accepted; sampling runs too."""
+    extra = SPECTR if algorithm == "SPECTR" else ["--speculative-algorithm", "NGRAM",
+                                                  "--speculative-num-draft-tokens", "8"]
+    with sglang({"attention": "dense"}, f"spec_{algorithm}", extra) as url:
+        got = run(url)
+        repeats = generate(url, [" ".join(["one two three four five six seven eight"] * 12)])[0]["meta_info"]
+        sampled = requests.post(url + "/generate", timeout=600, json={
+            "text": PROMPTS[:2], "sampling_params": {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": MAX_NEW}})
+        sampled.raise_for_status()
+    assert got == torch_native
+    assert repeats["spec_verify_ct"] > 0 and repeats["spec_accept_length"] > 1.5
+    assert all(len(o["output_ids"]) == MAX_NEW for o in sampled.json())
+    assert min(o["meta_info"].get("spec_verify_ct", 0) for o in sampled.json()) > 0
+
+
+@pytest.mark.parametrize("section,extra,message", [
+    ({"attention": "dense", "decode": "streaming"}, ["--speculative-algorithm", "NGRAM"], "verifies with dense reads"),
+    ({"attention": "dense"}, ["--speculative-algorithm", "EAGLE"], "does not run draft models"),
+    ({"attention": "dense"}, [*SPECTR[:3], "8"], "1 \\+ 4 x depth"),
+    ({"attention": "dense"}, [*SPECTR[:4], "--fastctx-spectr", '{"scylla": true}'], "drop scylla"),
+    (None, SPECTR, "add --attention-backend fastctx"),
+])
+def test_speculative_settings_fastctx_cannot_serve_stop_the_launch(sglang, model_dir, tmp_path, section, extra,
+                                                                   message):
+    srv = SglangServer(model_dir, section, tmp_path / "spec.log", max_model_len=4096, extra_args=extra)
+    with pytest.raises(ServerError, match=message):
         srv.start(timeout=300)
     srv.stop()

@@ -250,3 +250,61 @@ def test_score_chains_equals_a_full_forward_of_each_chain():
         torch.testing.assert_close(got, alone, atol=1e-6, rtol=1e-6)
     for c, d in enumerate([[6], [9]]):
         torch.testing.assert_close(together[1][c], full_forward(other + d)[0][len(other) - 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_chain_tree_layout_parents_rows_and_paths():
+    """Node 0 is the root; each chain's nodes follow it in order, each marking its chain's earlier
+    tokens and the root; a chain's K-SEQ rows are the root then its nodes."""
+    from fastctx.specdec.tree import accepted_path, chain_rows, chain_tree, tree_size
+
+    chains, depth = 3, 4
+    tree, rows = chain_tree(chains, depth), chain_rows(chains, depth)
+    assert tree.shape == (tree_size(chains, depth),) * 2 == (13, 13)
+    assert bool(tree.diagonal().all()) and not bool(tree.triu(1).any())
+    for c in range(chains):
+        path = accepted_path(c, depth, depth)
+        assert rows[c].tolist() == path
+        for t in range(1, depth + 1):  # each node marks exactly the path up to it
+            assert tree[path[t]].nonzero().flatten().tolist() == path[:t + 1]
+    assert accepted_path(1, 0, depth) == [0]
+
+
+def test_restrict_cuts_as_sglangs_sampler():
+    """Top-k by rank, top-p on the mass of the more likely tokens, min-p against the most likely;
+    the rest renormalized, in the vocabulary's own order."""
+    from fastctx.specdec.kseq import restrict
+
+    def row(*values):
+        return torch.tensor([values], dtype=torch.float64)
+
+    probs = row(0.05, 0.5, 0.15, 0.3)
+    assert torch.equal(restrict(probs, 4, 1.0, 0.0), probs)
+    torch.testing.assert_close(restrict(probs, 2, 1.0, 0.0), row(0, 0.625, 0, 0.375))
+    # before each token: 0.5, 0, 0.8, 0.95 of mass; the token whose predecessors hold more than 0.7 goes
+    torch.testing.assert_close(restrict(probs, 4, 0.7, 0.0), row(0, 0.625, 0, 0.375))
+    torch.testing.assert_close(restrict(probs, 4, 0.9, 0.0), row(0, 0.5, 0.15, 0.3) / 0.95)
+    torch.testing.assert_close(restrict(probs, 4, 1.0, 0.5), row(0, 0.5, 0, 0.3) / 0.8)
+
+
+def test_spectr_knobs_are_validated_with_what_to_change():
+    from fastctx.methods.base import KnobError
+    from fastctx.specdec.params import SpecTrParams
+
+    assert SpecTrParams.from_dict({}).chains == 4
+    assert SpecTrParams.from_dict({"chains": 2, "ngram_interpolation": 1}).chains == 2
+    for raw, message in (({"chain": 2}, "unknown key"), ({"chains": 0}, "give 1-16 chains"),
+                         ({"ngram_min": 3, "ngram_max": 2}, "1 <= ngram_min <= ngram_max"),
+                         ({"ngram_interpolation": 0}, r"\(0, 1\]"), ([2], "JSON object")):
+        with pytest.raises(KnobError, match=message):
+            SpecTrParams.from_dict(raw)
+
+
+def test_sglang_spectr_knobs_come_from_the_flag_and_refuse_scylla():
+    from fastctx.methods.base import KnobError
+    from fastctx.sglang_plugin.settings import spectr_params
+
+    assert spectr_params('{"chains": 2}').chains == 2
+    with pytest.raises(KnobError, match="not JSON"):
+        spectr_params("{chains: 2}")
+    with pytest.raises(KnobError, match="drop scylla"):
+        spectr_params('{"scylla": true}')

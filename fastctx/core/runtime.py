@@ -12,6 +12,7 @@ from fastctx import methods
 from fastctx.config import ENGINE, FastctxConfig
 from fastctx.core.batch import StepBatch
 from fastctx.kernels.attention import Read, paged_attention
+from fastctx.kernels.sparse import tree_index
 from fastctx.methods import DecodeBatch, Method, ModelShape, PrefillChunk
 
 # Prefill chunks with fewer queries (prompt tails, verification of drafts) gain
@@ -96,6 +97,19 @@ class AttentionRuntime:
             paged_attention(batch.query, batch.kv, batch.block_table, batch.query_start, batch.seq_lens, reads,
                             scale=scale, positions=batch.positions, out=out)
         return reads
+
+    def tree_reads(self, trees: list[torch.Tensor], seq_lens: list[int]) -> list[Read]:
+        """What verifying draft token trees reads (speculative decoding), one tree per request: its
+        ``n`` nodes are the request's queries, their K/V written after ``seq_lens[b] - n`` context
+        tokens, node ``i`` reading the context and the nodes ``trees[b][i]`` marks (itself and its
+        ancestors). Dense: a decode method's selection would make verification differ from its
+        decoding, so speculative decoding is refused with one."""
+        if self.decode_method is not None:
+            raise ValueError(f"speculative verification reads dense; the decode method "
+                             f"{self.decode_method.name!r} would decode differently")
+        heads = self.shape.num_heads
+        return [Read.indexed(tree_index(tree, seq_len - tree.shape[0], heads))
+                for tree, seq_len in zip(trees, seq_lens)]
 
     def decode_reads(self, batch: StepBatch, layer: int, scale: float) -> list[Read]:
         nd = batch.num_decodes

@@ -233,6 +233,22 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     return SparseIndex(ranges.int(), cols.int(), q_len, prefix, block_q)
 
 
+def tree_index(ancestors: torch.Tensor, context: int, heads: int) -> SparseIndex:
+    """A token tree's verification read (speculative decoding): ``n`` nodes whose K/V follow
+    ``context`` tokens in node order (parents before children), node ``i`` reading the whole
+    context and the nodes ``j`` with ``ancestors[i, j]`` (itself and its ancestors, ``[n, n]``
+    bool). One block per node: its range is the context, its columns the marked nodes."""
+    n = ancestors.shape[0]
+    if ancestors.shape != (n, n) or not bool(ancestors.diagonal().all()) or bool(ancestors.triu(1).any()):
+        raise ValueError(f"a tree's mask must be [n, n] with each node marking itself and only earlier nodes "
+                         f"(parents come first), got shape {tuple(ancestors.shape)}")
+    nodes = torch.arange(n, dtype=torch.int32) + context
+    cols = torch.where(ancestors.cpu(), nodes, -1)
+    ranges = torch.tensor([0, context], dtype=torch.int32).expand(n, 1, 2)
+    return SparseIndex(ranges.expand(heads, -1, -1, -1).contiguous(), cols.expand(heads, -1, -1).contiguous(),
+                       n, context, block_q=1)
+
+
 def reference_sparse_prefill_attention(q, k_new, v_new, k_prefix=None, v_prefix=None, *,
                                        index: SparseIndex, scale: float | None = None) -> torch.Tensor:
     k, v, _ = joined_chunk(q, k_new, v_new, k_prefix, v_prefix, index)

@@ -6,7 +6,9 @@ so the ``fastctx`` section (the same JSON object as under vLLM's
 ``FASTCTX_SGLANG_CONFIG``; SGLang's scheduler processes inherit it. The plugin's
 ``--fastctx-config`` flag sets it from the command line. It is validated when the
 plugin loads in the launching process, so a bad knob stops the server before the
-model loads.
+model loads. SpecTr's knobs (``--speculative-algorithm SPECTR``; vLLM's
+``additional_config["fastctx_spectr"]``) travel the same way in ``FASTCTX_SGLANG_SPECTR``,
+set by ``--fastctx-spectr``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import json
 import os
 
 from fastctx.config import FastctxConfig, FastctxConfigError
+from fastctx.methods.base import KnobError
+from fastctx.specdec.params import SpecTrParams
 
 ENV = "FASTCTX_SGLANG_CONFIG"
+SPECTR_ENV = "FASTCTX_SGLANG_SPECTR"
 
 
 def parse(text: str | None) -> FastctxConfig:
@@ -40,3 +45,18 @@ def set_config(text: str | None) -> FastctxConfig:
     if text:
         os.environ[ENV] = text
     return config
+
+
+def spectr_params(text: str | None = None) -> SpecTrParams:
+    """SpecTr's knobs from ``text`` (default: the environment), validated."""
+    text = os.environ.get(SPECTR_ENV) if text is None else text
+    try:
+        raw = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise KnobError(f"{SPECTR_ENV} / --fastctx-spectr is not JSON ({exc}); pass SpecTr's knobs, "
+                        'e.g. \'{"chains": 4}\'') from None
+    params = SpecTrParams.from_dict(raw)
+    if params.scylla:
+        raise KnobError("--fastctx-spectr scylla=true: SGLang sizes the draft tree at launch "
+                        "(--speculative-num-draft-tokens), so the depth cannot change per step; drop scylla")
+    return params

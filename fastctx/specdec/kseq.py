@@ -28,6 +28,20 @@ def target_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.double() / temperature, -1)
 
 
+def restrict(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """``probs`` ``[..., V]`` cut as SGLang's sampler cuts them, renormalized: tokens ranked ``top_k``
+    or lower dropped, then those whose more likely tokens already hold ``top_p``, then those below
+    ``min_p`` times the most likely (top_k >= V, top_p = 1, min_p = 0: unchanged). K-SEQ against the
+    result keeps the engine's sampling distribution."""
+    if top_k >= probs.shape[-1] and top_p >= 1 and min_p <= 0:
+        return probs
+    ranked, order = probs.sort(-1, descending=True)
+    before = ranked.cumsum(-1) - ranked
+    drop = (torch.arange(ranked.shape[-1]) >= top_k) | (before > top_p) | (ranked < min_p * ranked[..., :1])
+    kept = torch.zeros_like(probs).scatter(-1, order, ranked.masked_fill(drop, 0.0))
+    return kept / kept.sum(-1, keepdim=True)
+
+
 def beta(p: torch.Tensor, q: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q / rho.unsqueeze(-1)).sum(-1)
 

@@ -19,7 +19,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from fastctx.config import FastctxConfig, FastctxConfigError, has_section
 from fastctx.vllm_plugin import ATTENTION_BACKEND, WORKER_CLS, version_problem
-from fastctx.vllm_plugin.spectr import SpecTrParams, uses_spectr
+from fastctx.vllm_plugin.spectr import spectr_params, uses_spectr
 
 _STOCK_CPU = "vllm.platforms.cpu.CpuPlatform"
 
@@ -56,7 +56,7 @@ def validate(vllm_config) -> FastctxConfig:
         from fastctx.methods.base import KnobError
 
         try:
-            SpecTrParams.from_config(vllm_config)
+            spectr_params(vllm_config)
         except KnobError as exc:
             raise FastctxConfigError(str(exc)) from None
     worker = vllm_config.parallel_config.worker_cls

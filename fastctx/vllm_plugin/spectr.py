@@ -30,57 +30,32 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 from vllm.logger import init_logger
 
 from fastctx.methods.base import KnobError
-from fastctx.specdec.hf_loop import INTERPOLATION
+from fastctx.specdec.params import CONFIG_KEY, SpecTrParams
 
 logger = init_logger("vllm.fastctx.spectr")
 
 PROPOSER = "fastctx.vllm_plugin.spectr.SpecTrProposer"
-CONFIG_KEY = "fastctx_spectr"
 
 
-@dataclass(frozen=True)
-class SpecTrParams:
-    chains: int = 4  # k i.i.d. draft chains per step (with scylla: the most it may pick)
-    scylla: bool = False  # pick depth (0 .. num_speculative_tokens - 1) and chains per step (ScyllaPolicy)
-    ngram_min: int = 1  # the n-gram draft: shortest context suffix looked up
-    ngram_max: int = 4  # longest
-    ngram_interpolation: float = INTERPOLATION  # each longer context's weight over the shorter ones' (1: longest)
-    seed: int = 0  # the proposer's own random stream (drafts and K-SEQ's coins)
-
-    @classmethod
-    def from_config(cls, vllm_config) -> SpecTrParams:
-        extra = vllm_config.additional_config
-        raw = (extra or {}).get(CONFIG_KEY, {}) if isinstance(extra, dict) else {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise KnobError(f"{CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
-        params = cls(**raw)
-        if not isinstance(params.chains, int) or not 1 <= params.chains <= 16:
-            raise KnobError(f"{CONFIG_KEY}.chains={params.chains!r}: give 1-16 chains (1 is speculative sampling)")
-        if not isinstance(params.scylla, bool):
-            raise KnobError(f"{CONFIG_KEY}.scylla={params.scylla!r}: give true or false")
-        if not 1 <= params.ngram_min <= params.ngram_max:
-            raise KnobError(f"{CONFIG_KEY}: ngram_min={params.ngram_min}, ngram_max={params.ngram_max}: "
-                            "need 1 <= ngram_min <= ngram_max")
-        if not (isinstance(params.ngram_interpolation, (int, float)) and 0 < params.ngram_interpolation <= 1):
-            raise KnobError(f"{CONFIG_KEY}.ngram_interpolation={params.ngram_interpolation!r}: give a weight in "
-                            "(0, 1]; 1 drafts from the longest matching context alone")
-        spec = vllm_config.speculative_config
-        if params.scylla and getattr(spec, "num_speculative_tokens_per_batch_size", None):
-            raise KnobError(f"{CONFIG_KEY}.scylla=true picks the depth per step itself; drop "
-                            "num_speculative_tokens_per_batch_size from --speculative-config, or scylla")
-        if spec.num_speculative_tokens < 2:
-            raise KnobError(f"SpecTr: num_speculative_tokens={spec.num_speculative_tokens} leaves no draft depth; "
-                            "it carries the verified drafts plus one token, so set it to depth + 1 (>= 2)")
-        return params
+def spectr_params(vllm_config) -> SpecTrParams:
+    """SpecTr's knobs from vLLM's ``additional_config["fastctx_spectr"]``, checked against its speculative
+    config."""
+    extra = vllm_config.additional_config
+    params = SpecTrParams.from_dict((extra or {}).get(CONFIG_KEY, {}) if isinstance(extra, dict) else {})
+    spec = vllm_config.speculative_config
+    if params.scylla and getattr(spec, "num_speculative_tokens_per_batch_size", None):
+        raise KnobError(f"{CONFIG_KEY}.scylla=true picks the depth per step itself; drop "
+                        "num_speculative_tokens_per_batch_size from --speculative-config, or scylla")
+    if spec.num_speculative_tokens < 2:
+        raise KnobError(f"SpecTr: num_speculative_tokens={spec.num_speculative_tokens} leaves no draft depth; "
+                        "it carries the verified drafts plus one token, so set it to depth + 1 (>= 2)")
+    return params
 
 
 def uses_spectr(vllm_config) -> bool:
@@ -129,7 +104,7 @@ class SpecTrStats:
 
 class SpecTrProposer:
     def __init__(self, vllm_config):
-        self.params = SpecTrParams.from_config(vllm_config)
+        self.params = spectr_params(vllm_config)
         self.depth = vllm_config.speculative_config.num_speculative_tokens - 1
         self.vocab = vllm_config.model_config.get_vocab_size()
         self.gen = torch.Generator().manual_seed(self.params.seed)

@@ -3,9 +3,9 @@
 SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) imports ``sgl_kernel`` at import time, but
 the CPU build of sgl-kernel is not on PyPI (the ``sglang-kernel`` wheel holds CUDA ops only)
 and its source build targets Xeons with AVX-512/AMX. This module provides what plain
-generation and speculative verification call on CPU, each following the Triton kernel
-beside its call site; every other name resolves to a stub that raises when called (SGLang
-imports many names it never calls on this path). For development and CI on CPUs only:
+generation and speculative verification call on CPU (the tree metadata in ``speculative``),
+each following the Triton kernel beside its call site; every other name resolves to a stub
+that raises when called (SGLang imports many names it never calls on this path). For development and CI on CPUs only:
 it is slow where the real kernels are fast, and it is not used when a real ``sgl_kernel``
 is installed.
 """
@@ -50,6 +50,38 @@ def copy_all_layer_kv_cache_cpu(data_ptrs, strides, tgt_loc, src_loc) -> None:
     for ptr, stride in zip(data_ptrs.tolist(), strides.tolist()):
         buf = _bytes_at(ptr, rows * stride).view(rows, stride)
         buf[tgt] = buf[src].clone()
+
+
+def fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accept_out_cache_loc) -> None:
+    """Packs ``out_cache_loc[i]`` for the entries ``i`` of ``accept_index`` that are not -1, in order."""
+    kept = accept_index.flatten()
+    kept = kept[kept != -1].long()
+    accept_out_cache_loc[:len(kept)] = out_cache_loc[kept].to(accept_out_cache_loc.dtype)
+
+
+def verify_tree_greedy_cpu(predicts, accept_index, accept_token_num, candidates, retrive_index, retrive_next_token,
+                           retrive_next_sibling, target_predict) -> None:
+    """Greedy verification of each request's draft tree (in place): from the root, follow the child
+    whose token is the target's argmax after the last accepted node, until none is;
+    ``predicts[node]`` is the token after each accepted node (the last one's is the target's)."""
+    n = candidates.shape[1]
+    for b in range(candidates.shape[0]):
+        target, draft = target_predict[b].tolist(), candidates[b].tolist()
+        after, sibling = retrive_next_token[b].tolist(), retrive_next_sibling[b].tolist()
+        last, accepted, node = 0, 0, 0
+        accept_index[b, 0] = retrive_index[b, 0]
+        while accepted < n - 1:
+            node = after[node]
+            while node != -1 and draft[node] != target[last]:
+                node = sibling[node]
+            if node == -1:
+                break
+            predicts[retrive_index[b, last]] = target[last]
+            accepted += 1
+            accept_index[b, accepted] = retrive_index[b, node]
+            last = node
+        accept_token_num[b] = accepted
+        predicts[retrive_index[b, last]] = target[last]
 
 
 def _bytes_at(ptr: int, nbytes: int) -> torch.Tensor:
