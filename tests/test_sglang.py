@@ -134,19 +134,32 @@ SPECTR = ["--speculative-algorithm", "SPECTR", "--speculative-num-draft-tokens",
           "--fastctx-spectr", '{"chains": 4}']  # 4 chains of depth 2
 
 
-@pytest.mark.parametrize("algorithm", ["SPECTR", "NGRAM"])
+SPECULATION = {
+    "SPECTR": SPECTR,
+    "SPECTR_SCYLLA": [*SPECTR[:4], "--fastctx-spectr", '{"chains": 4, "scylla": true}'],
+    "NGRAM": ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"],
+}
+
+
+@pytest.mark.parametrize("algorithm", SPECULATION)
 def test_speculative_greedy_equals_torch_native(sglang, torch_native, algorithm):
-    """Draft trees (fastctx's SpecTr chains, SGLang's own NGRAM trie) verified by the backend's tree
-    reads: greedy tokens are those of no speculation, radix hit included; drafts of a prompt that
-    repeats itself are accepted; sampling runs too."""
-    extra = SPECTR if algorithm == "SPECTR" else ["--speculative-algorithm", "NGRAM",
-                                                  "--speculative-num-draft-tokens", "8"]
-    with sglang({"attention": "dense"}, f"spec_{algorithm}", extra) as url:
+    """Draft trees (fastctx's SpecTr chains, at fixed or Scylla-chosen shapes, SGLang's own NGRAM
+    trie) verified by the backend's tree reads: greedy tokens are those of no speculation, radix hit
+    included; drafts of a prompt that repeats itself are accepted; sampling runs too."""
+    with sglang({"attention": "dense"}, f"spec_{algorithm}", SPECULATION[algorithm]) as url:
         got = run(url)
         repeats = generate(url, [" ".join(["one two three four five six seven eight"] * 12)])[0]["meta_info"]
         sampled = requests.post(url + "/generate", timeout=600, json={
             "text": PROMPTS[:2], "sampling_params": {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": MAX_NEW}})
         sampled.raise_for_status()
+        states = requests.get(url + "/server_info", timeout=30).json()["internal_states"]
+    spectr = [row for state in states for row in state.get("fastctx_spectr", [])]
+    if algorithm == "SPECTR_SCYLLA":  # several tree shapes, all within the 8 draft nodes, and the fitted law
+        shapes = [tuple(int(x) for x in arm[1:].split("k")) for arm in spectr[0]["arms"]]
+        assert len(shapes) > 1 and all(depth * k <= 8 for depth, k in shapes)
+        assert spectr[0]["scylla_law"]["observations"] > 0
+    elif algorithm == "SPECTR":
+        assert list(spectr[0]["arms"]) == ["d2k4"]
     assert got == torch_native
     assert repeats["spec_verify_ct"] > 0 and repeats["spec_accept_length"] > 1.5
     assert all(len(o["output_ids"]) == MAX_NEW for o in sampled.json())
@@ -157,7 +170,6 @@ def test_speculative_greedy_equals_torch_native(sglang, torch_native, algorithm)
     ({"attention": "dense", "decode": "streaming"}, ["--speculative-algorithm", "NGRAM"], "verifies with dense reads"),
     ({"attention": "dense"}, ["--speculative-algorithm", "EAGLE"], "does not run draft models"),
     ({"attention": "dense"}, [*SPECTR[:3], "8"], "1 \\+ 4 x depth"),
-    ({"attention": "dense"}, [*SPECTR[:4], "--fastctx-spectr", '{"scylla": true}'], "drop scylla"),
     (None, SPECTR, "add --attention-backend fastctx"),
 ])
 def test_speculative_settings_fastctx_cannot_serve_stop_the_launch(sglang, model_dir, tmp_path, section, extra,

@@ -299,12 +299,26 @@ def test_spectr_knobs_are_validated_with_what_to_change():
             SpecTrParams.from_dict(raw)
 
 
-def test_sglang_spectr_knobs_come_from_the_flag_and_refuse_scylla():
+def test_sglang_spectr_knobs_come_from_the_flag():
     from fastctx.methods.base import KnobError
     from fastctx.sglang_plugin.settings import spectr_params
 
     assert spectr_params('{"chains": 2}').chains == 2
+    assert spectr_params('{"scylla": true}').scylla
     with pytest.raises(KnobError, match="not JSON"):
         spectr_params("{chains: 2}")
-    with pytest.raises(KnobError, match="drop scylla"):
-        spectr_params('{"scylla": true}')
+
+
+def test_scylla_within_a_fixed_draft_tree_picks_only_arms_that_fit():
+    """SGLang's tree has a fixed number of draft nodes: every arm Scylla picks fits it."""
+    from fastctx.specdec.scylla import ScyllaPolicy
+
+    policy = ScyllaPolicy(depths=tuple(range(1, 9)), chains=(1, 2, 4), max_drafts=8, explore=0.5, seed=1)
+    picked = set()
+    for step in range(300):
+        depth, k = policy.choose(2)
+        picked.add((depth, k))
+        policy.observe(depth, k, 2, [min(depth, step % 3)] * 2, 0.01 * (1 + depth * k / 8))
+    assert all(depth * k <= 8 for depth, k in picked) and len(picked) > 2
+    with pytest.raises(ValueError, match="max_drafts=1"):
+        ScyllaPolicy(depths=(2, 3), chains=(1,), max_drafts=1)

@@ -145,9 +145,15 @@ def _register_spectr() -> None:
 
 
 def _report_density(result, *_args, **_kwargs):
-    """Adds each fastctx runtime's cumulative density counts to the scheduler's state report."""
+    """Adds each fastctx runtime's cumulative density counts, and SpecTr's arms and Scylla's law, to the
+    scheduler's state report."""
+    import sys
+
     from fastctx.sglang_plugin.backend import RUNTIMES
 
     if RUNTIMES:
         result.internal_state["fastctx"] = [row for runtime in RUNTIMES for row in runtime.density()]
+    spectr = sys.modules.get("fastctx.sglang_plugin.spectr")  # loaded where SPECTR runs
+    if spectr is not None and spectr.WORKERS:
+        result.internal_state["fastctx_spectr"] = [worker.summary() for worker in spectr.WORKERS]
     return result

@@ -55,8 +55,4 @@ def spectr_params(text: str | None = None) -> SpecTrParams:
     except json.JSONDecodeError as exc:
         raise KnobError(f"{SPECTR_ENV} / --fastctx-spectr is not JSON ({exc}); pass SpecTr's knobs, "
                         'e.g. \'{"chains": 4}\'') from None
-    params = SpecTrParams.from_dict(raw)
-    if params.scylla:
-        raise KnobError("--fastctx-spectr scylla=true: SGLang sizes the draft tree at launch "
-                        "(--speculative-num-draft-tokens), so the depth cannot change per step; drop scylla")
-    return params
+    return SpecTrParams.from_dict(raw)

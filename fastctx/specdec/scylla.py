@@ -76,6 +76,7 @@ class ScyllaPolicy:
     decay: float = 0.995
     prior_acceptance: float = 0.6
     seed: int = 0
+    max_drafts: int | None = None  # chains x depth per request at most (an engine's fixed draft tree)
     acceptance: OnlineLeastSquares = field(init=False)
     cost: OnlineLeastSquares = field(init=False)
     _rng: random.Random = field(init=False)
@@ -89,6 +90,9 @@ class ScyllaPolicy:
             raise ValueError(f"scylla explore={self.explore}: must be in [0, 1)")
         if not 0 < self.decay <= 1:
             raise ValueError(f"scylla decay={self.decay}: must be in (0, 1]")
+        if self.max_drafts is not None and not any(0 < g * min(self.chains) <= self.max_drafts for g in self.depths):
+            raise ValueError(f"scylla max_drafts={self.max_drafts}: no depth in {self.depths} with "
+                             f"{min(self.chains)} chain(s) fits; allow more draft tokens or shorter depths")
         self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0], self.decay)
         self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
@@ -121,7 +125,8 @@ class ScyllaPolicy:
     def choose(self, batch: int) -> tuple[int, int]:
         """(speculation depth, chain count) for the next step of ``batch`` requests."""
         depths = sorted(self.depths)
-        arms = [(g, k) for g in depths for k in (self.chains if g else (1,))]
+        arms = [(g, k) for g in depths for k in (self.chains if g else (1,))
+                if self.max_drafts is None or g * k <= self.max_drafts]
         n = self._chosen.get(batch, 0)
         self._chosen[batch] = n + 1
         spec = [g for g in depths if g]
