@@ -125,7 +125,7 @@ def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.T
     for b0 in range(0, blocks, step):
         b1 = min(blocks, b0 + step)
         part = pos[b0 * rows:b1 * rows]
-        rng = ranges[:, first_block + b0 + torch.arange(len(part), device=device) // rows].long()  # [H, rows, NR, 2]
+        rng = ranges[:, first_block + b0 + torch.arange(len(part), device=device) // rows].long()  # [H, part, NR, 2]
         visible_end = torch.minimum(rng[..., 1], part[None, :, None] + 1)
         read += int((visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum())
         if has_cols:

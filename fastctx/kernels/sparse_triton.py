@@ -28,16 +28,20 @@ def _require_head_dim(dim: int) -> None:
 
 
 @triton.jit
+def _scores(q, k_tile, DOT_F32: tl.constexpr):
+    """``q @ k_tile.T``: in exact float32 with ``DOT_F32`` (see ``fold_tile``), else in the inputs' dtype."""
+    if DOT_F32:
+        return tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k_tile))
+
+
+@triton.jit
 def fold_tile(q, k_tile, v_tile, ok, m_i, l_i, acc, scale_log2, DOT_F32: tl.constexpr):
     """One key tile into the online softmax (FlashAttention's recurrence, in base 2: ``scale_log2`` is
     the softmax scale times log2(e)); ``ok`` [rows, keys] says which scores count. ``DOT_F32``: both
     products in exact float32 (float32 inputs, whose default on a GPU would be TF32, and bf16 under the
     interpreter, which computes bf16 dots wrongly)."""
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k_tile))
-    s = tl.where(ok, s * scale_log2, float("-inf"))
+    s = tl.where(ok, _scores(q, k_tile, DOT_F32) * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
@@ -105,10 +109,7 @@ def _score_tile(q, k_base, s0, tk, qpos, row_ok, dims, scale, D: tl.constexpr, B
     """Scores of the query rows against keys ``s0 .. s0 + BLOCK_N`` and which are causal and real."""
     keys = s0 + tl.arange(0, BLOCK_N)
     k_tile = tl.load(k_base + keys[:, None] * D + dims[None, :], mask=(keys < tk)[:, None], other=0.0)
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k_tile.to(tl.float32)), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k_tile)) * scale
+    s = _scores(q, k_tile, DOT_F32) * scale
     ok = row_ok[:, None] & (keys[None, :] <= qpos[:, None])
     return keys, s, ok
 

@@ -14,8 +14,6 @@ with the vLLM adapter.
 
 from __future__ import annotations
 
-import os
-
 BACKEND = "fastctx"
 SPECTR = "SPECTR"
 # Speculative algorithms whose only extra passes are TARGET_VERIFY trees, which the backend verifies.
@@ -91,10 +89,7 @@ def _check_speculative(namespace, algorithm: str, uses_fastctx: bool) -> None:
         raise ValueError(f"--speculative-algorithm {algorithm} verifies with dense reads, so a fastctx decode method "
                          "would decode differently from its verification; drop \"decode\" from --fastctx-config")
     if algorithm == SPECTR:
-        text = getattr(namespace, "fastctx_spectr", None)
-        params = settings.spectr_params(text)
-        if text:
-            os.environ[settings.SPECTR_ENV] = text
+        params = settings.set_spectr(getattr(namespace, "fastctx_spectr", None))
         n = getattr(namespace, "speculative_num_draft_tokens", None)
         if not n or n < 1 + params.chains or (n - 1) % params.chains:
             raise ValueError(f"--speculative-algorithm {SPECTR} with {params.chains} chains needs "

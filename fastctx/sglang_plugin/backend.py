@@ -78,9 +78,7 @@ class FastctxAttnBackend(TorchNativeAttnBackend):
             query_start, num_decodes = list(range(len(seq_lens) + 1)), len(seq_lens)
         else:
             query_start, num_decodes = [0, *accumulate(forward_batch.extend_seq_lens_cpu)], 0
-        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
-        table = (rows if self.page_size == 1 else rows[:, ::self.page_size] // self.page_size).to(torch.int32)
-        self._step = (query_start, seq_lens, num_decodes, table, forward_batch.rids)
+        self._step = (query_start, seq_lens, num_decodes, self._block_table(forward_batch), forward_batch.rids)
 
     def _verify_step(self, forward_batch):
         """Each request's draft tree follows its committed tokens (``seq_lens`` in this mode) in the
@@ -95,10 +93,13 @@ class FastctxAttnBackend(TorchNativeAttnBackend):
             parts = mask.split([n * (c + n) for c in committed])
             trees = [part.view(n, c + n)[:, c:] for part, c in zip(parts, committed)]
         seq_lens = [c + n for c in committed]
-        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
-        table = (rows if self.page_size == 1 else rows[:, ::self.page_size] // self.page_size).to(torch.int32)
         query_start = list(range(0, n * len(committed) + 1, n))
-        return query_start, seq_lens, table, self.runtime.tree_reads(trees, seq_lens)
+        return query_start, seq_lens, self._block_table(forward_batch), self.runtime.tree_reads(trees, seq_lens)
+
+    def _block_table(self, forward_batch) -> torch.Tensor:
+        """The batch's block table: ``req_to_token`` rows, one slot per page of ``page_size``."""
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+        return (rows if self.page_size == 1 else rows[:, ::self.page_size] // self.page_size).to(torch.int32)
 
     def _why_not(self, layer, forward_batch) -> str | None:
         if self._step is None:

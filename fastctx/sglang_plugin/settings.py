@@ -47,6 +47,14 @@ def set_config(text: str | None) -> FastctxConfig:
     return config
 
 
+def set_spectr(text: str | None) -> SpecTrParams:
+    """Validates SpecTr's knobs and hands them to the processes this one starts."""
+    params = spectr_params(text)
+    if text:
+        os.environ[SPECTR_ENV] = text
+    return params
+
+
 def spectr_params(text: str | None = None) -> SpecTrParams:
     """SpecTr's knobs from ``text`` (default: the environment), validated."""
     text = os.environ.get(SPECTR_ENV) if text is None else text

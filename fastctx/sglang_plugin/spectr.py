@@ -38,7 +38,6 @@ from fastctx.sglang_plugin.settings import spectr_params
 from fastctx.specdec.chains import verify_chains
 from fastctx.specdec.hf_loop import NgramDraft
 from fastctx.specdec.kseq import restrict, target_probs
-from fastctx.specdec.scylla import ScyllaPolicy
 from fastctx.specdec.tree import accepted_path, chain_rows, chain_tree
 
 logger = logging.getLogger(__name__)
@@ -55,8 +54,7 @@ class SpecTrWorker(NGRAMWorker):
         self.depth = budget // self.chains
         self.policy = None
         if self.params.scylla:
-            self.policy = ScyllaPolicy(depths=tuple(range(1, budget + 1)), max_drafts=budget, seed=self.params.seed,
-                                       chains=tuple(c for c in (1, 2, 4, 8, 16) if c <= self.chains))
+            self.policy = self.params.policy(depths=tuple(range(1, budget + 1)), max_drafts=budget)
         self.arms: dict[str, int] = {}
         self.vocab = target_worker.model_runner.model_config.vocab_size
         self.gen = torch.Generator().manual_seed(self.params.seed)
@@ -115,8 +113,7 @@ class SpecTrWorker(NGRAMWorker):
             greedy = int(info.top_ks[i]) <= 1
             draft = self.drafts.get(req.rid)
             if draft is None:
-                draft = self.drafts[req.rid] = NgramDraft(self.vocab, self.params.ngram_min, self.params.ngram_max,
-                                                          float(self.params.ngram_interpolation))
+                draft = self.drafts[req.rid] = self.params.draft(self.vocab)
             # Greedy chains from one distribution are all alike: draw one, repeat it.
             chains, p = draft.propose(context, 1 if greedy else k, depth, 0.0 if greedy else 1.0, self.gen)
             chains = chains.expand(k, -1)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from fastctx.methods.base import KnobError
-from fastctx.specdec.hf_loop import INTERPOLATION
+from fastctx.specdec.hf_loop import INTERPOLATION, NgramDraft
+from fastctx.specdec.scylla import ScyllaPolicy
 
 CONFIG_KEY = "fastctx_spectr"
 
@@ -40,3 +41,12 @@ class SpecTrParams:
             raise KnobError(f"{CONFIG_KEY}.ngram_interpolation={params.ngram_interpolation!r}: give a weight in "
                             "(0, 1]; 1 drafts from the longest matching context alone")
         return params
+
+    def draft(self, vocab: int) -> NgramDraft:
+        """A request's n-gram draft distribution with these knobs."""
+        return NgramDraft(vocab, self.ngram_min, self.ngram_max, float(self.ngram_interpolation))
+
+    def policy(self, depths: tuple[int, ...], max_drafts: int | None = None) -> ScyllaPolicy:
+        """Scylla's policy over ``depths`` and chain counts 1, 2, 4 ... up to ``chains``."""
+        return ScyllaPolicy(depths=depths, chains=tuple(c for c in (1, 2, 4, 8, 16) if c <= self.chains),
+                            max_drafts=max_drafts, seed=self.seed)

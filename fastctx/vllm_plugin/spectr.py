@@ -117,10 +117,7 @@ class SpecTrProposer:
         self.gaps: list[float] = []
         self.policy = None
         if self.params.scylla:
-            from fastctx.specdec.scylla import ScyllaPolicy
-
-            chains = tuple(c for c in (1, 2, 4, 8, 16) if c <= self.params.chains)
-            self.policy = ScyllaPolicy(depths=tuple(range(self.depth + 1)), chains=chains, seed=self.params.seed)
+            self.policy = self.params.policy(depths=tuple(range(self.depth + 1)))
         # vLLM's own per-batch-size schedule (num_speculative_tokens_per_batch_size): vLLM passes its
         # choice to built-in proposers only, so the proposer reads the same lookup vLLM builds.
         self.table = None
@@ -231,7 +228,6 @@ class SpecTrProposer:
     def _verify(self, work: list[tuple]) -> list[list[int]]:
         """Draft each request's chains, score every chain of the batch in one pass, verify each request."""
         from fastctx.specdec.chains import verify_chains
-        from fastctx.specdec.hf_loop import NgramDraft
         from fastctx.specdec.kseq import target_probs
         from fastctx.specdec.score import Chains, score_batch
 
@@ -240,8 +236,7 @@ class SpecTrProposer:
             # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
             draft = self.drafts.get(req_id)
             if draft is None:
-                draft = self.drafts[req_id] = NgramDraft(self.vocab, self.params.ngram_min, self.params.ngram_max,
-                                                         float(self.params.ngram_interpolation))
+                draft = self.drafts[req_id] = self.params.draft(self.vocab)
             drafts, p = draft.propose(tokens, k if temperature else 1, depth, temperature, self.gen)
             start = len(tokens) - 1  # the newest token has no KV yet; everything before it does
             drafted.append((drafts, p))
