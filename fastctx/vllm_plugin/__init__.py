@@ -3,8 +3,9 @@
 ``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it in
 every process it starts (API server, EngineCore, workers), so it must be cheap
 and idempotent and must not change stock behaviour: fastctx's attention only
-acts when the user selects it with ``--attention-backend CUSTOM``. It also
-registers SambaY's ``Phi4FlashForCausalLM``, an architecture vLLM 0.32 lacks.
+acts when the user selects it with ``--attention-backend CUSTOM`` (fastctx's
+CPU backend on CPU, its FlashAttention adapter on CUDA). It also registers
+SambaY's ``Phi4FlashForCausalLM``, an architecture vLLM 0.32 lacks.
 
 The adapter passes vLLM-private kernel arguments and reads private metadata, so
 it is written for one vLLM minor version; on another it registers nothing and
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 ATTENTION_BACKEND = "fastctx.vllm_plugin.attention.FastctxCPUAttentionBackend"
 WORKER_CLS = "fastctx.vllm_plugin.worker.FastctxCPUWorker"
+CUDA_ATTENTION_BACKEND = "fastctx.vllm_plugin.attention_cuda.FastctxFlashAttentionBackend"
+CUDA_WORKER_CLS = "fastctx.vllm_plugin.worker_cuda.FastctxGPUWorker"
 BLEND_CONNECTOR = "FastctxBlendConnector"
 SAMBAY_MODEL = "fastctx.vllm_plugin.sambay"
 SUPPORTED_VLLM = "0.32"
@@ -45,9 +48,11 @@ def register() -> None:
 
         init_logger("vllm.fastctx").warning("fastctx not registered: %s", problem)
         return
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CUSTOM, ATTENTION_BACKEND)
+    register_backend(AttentionBackendEnum.CUSTOM, CUDA_ATTENTION_BACKEND if current_platform.is_cuda()
+                     else ATTENTION_BACKEND)
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     if BLEND_CONNECTOR not in KVConnectorFactory._registry:
