@@ -191,12 +191,12 @@ def test_cuda_refuses_what_runs_on_cpu_only(vllm_available):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from fastctx.vllm_plugin import register
-    from fastctx.vllm_plugin.checks import cuda_problem
+    from fastctx.vllm_plugin.checks import cuda_problem, validate
 
     register()  # the connector's name, as vLLM's plugin loading registers it
     custom = AttentionConfig(backend=AttentionBackendEnum.CUSTOM)
-    assert cuda_problem(VllmConfig(attention_config=custom, additional_config={"fastctx": {"attention": "dense"}})) \
-        is None
+    dense = VllmConfig(attention_config=custom, additional_config={"fastctx": {"attention": "dense"}})
+    assert cuda_problem(dense, validate(dense)) is None
     blend = VllmConfig(attention_config=custom, kv_transfer_config=KVTransferConfig(
         kv_connector="FastctxBlendConnector", kv_role="kv_both"))
-    assert "CPU engine only" in cuda_problem(blend)
+    assert "CPU engine only" in cuda_problem(blend, validate(blend))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fastctx.eval.texts import natural_text
-from fastctx.vllm_plugin.attention import STATS
+from fastctx.vllm_plugin.impl_base import STATS
 from tests.conftest import density
 
 pytestmark = pytest.mark.engine

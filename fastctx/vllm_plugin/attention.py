@@ -27,10 +27,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from fastctx.vllm_plugin.impl_base import STATS, FastctxImpl, HostLayout, bind_attention_layers
+from fastctx.vllm_plugin.impl_base import FastctxImpl, HostLayout
 from fastctx.vllm_plugin.paged_kv import READABLE_ISAS, cpu_paged_kv, why_not_readable
-
-__all__ = ["STATS", "FastctxCPUAttentionBackend", "bind_attention_layers"]
 
 # Under the "vllm" logger tree so messages follow vLLM's own log config.
 logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
@@ -51,11 +49,7 @@ class FastctxCPUAttentionBackend(CPUAttentionBackend):
 
 
 @dataclass
-class FastctxCPUAttentionMetadata(CPUAttentionMetadata):
-    # HostLayout's fields
-    num_decodes: int = 0
-    query_start_loc_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
+class FastctxCPUAttentionMetadata(HostLayout, CPUAttentionMetadata):
     decode_scheduler_metadata: torch.Tensor | None = None
     fallback: str | None = None  # why this batch runs on vLLM's kernel
 

@@ -52,11 +52,7 @@ class FastctxFlashAttentionBackend(FlashAttentionBackend):
 
 
 @dataclass
-class FastctxFlashAttentionMetadata(FlashAttentionMetadata):
-    # HostLayout's fields
-    num_decodes: int = 0
-    query_start_loc_host: list[int] | None = None
-    seq_lens_host: list[int] | None = None
+class FastctxFlashAttentionMetadata(HostLayout, FlashAttentionMetadata):
     fallback: str | None = None  # why this batch runs on FlashAttention alone
 
 

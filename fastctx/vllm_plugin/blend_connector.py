@@ -173,7 +173,7 @@ class FastctxBlendConnector(KVConnectorBase_V1):
 
     def _blend_worker(self) -> _BlendWorker:
         if self._worker is None:
-            from fastctx.vllm_plugin.worker import loaded_model
+            from fastctx.vllm_plugin.worker_base import loaded_model
 
             self._worker = _BlendWorker(self, loaded_model())
         return self._worker

@@ -45,12 +45,12 @@ def validate(vllm_config) -> FastctxConfig:
     return cfg
 
 
-def cuda_problem(vllm_config) -> str | None:
-    """What of fastctx's settings the CUDA adapter does not run in this release, or None."""
+def cuda_problem(vllm_config, cfg: FastctxConfig) -> str | None:
+    """What of fastctx's settings (``cfg``: the engine's validated config) the CUDA adapter does not run in
+    this release, or None."""
     if needs_worker(vllm_config):
         return ("CacheBlend's connector and SpecTr run on vLLM's CPU engine only in this release; drop them "
                 "from --kv-transfer-config / --speculative-config on CUDA")
-    cfg = validate(vllm_config)
     if cfg.decode != ENGINE and vllm_config.speculative_config is not None:
         return (f"decode method {cfg.decode!r} with speculative decoding: on CUDA vLLM's host copy of a "
                 f"verifying request's length is an upper bound, so a decode method cannot read it; drop one")

@@ -58,7 +58,8 @@ STATS = StepStats()
 @dataclass
 class HostLayout:
     """A step's batch layout on the host, added to vLLM's metadata once per step (not per layer):
-    requests ``[0, num_decodes)`` are decodes (vLLM puts them first when the builder asks)."""
+    requests ``[0, num_decodes)`` are decodes (vLLM puts them first when the builder asks). The
+    adapters' metadata classes list it before vLLM's, so these defaulted fields come last."""
 
     num_decodes: int = 0
     query_start_loc_host: list[int] | None = None
@@ -66,6 +67,7 @@ class HostLayout:
 
     @classmethod
     def of(cls, query_start: list[int], seq_lens: list[int], decode_threshold: int) -> HostLayout:
+        """The layout of a step the builder is building, which it also counts in ``STATS``."""
         query_lens = [b - a for a, b in zip(query_start, query_start[1:])]
         nd = count_decodes(query_lens, decode_threshold)
         STATS.count(query_lens[nd:], seq_lens[nd:], query_start[nd])

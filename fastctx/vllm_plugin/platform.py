@@ -19,8 +19,6 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from fastctx.vllm_plugin import ATTENTION_BACKEND, WORKER_CLS
 from fastctx.vllm_plugin.checks import needs_worker, validate
 
-__all__ = ["FastctxCpuPlatform", "validate"]
-
 # Under the "vllm" logger tree so messages follow vLLM's own log config.
 logger = init_logger("vllm.fastctx." + __name__.rsplit(".", 1)[-1])
 

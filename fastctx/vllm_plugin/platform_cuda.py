@@ -19,11 +19,11 @@ from fastctx.vllm_plugin.checks import cuda_problem, validate
 class FastctxCudaPlatform(CudaPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
-        if vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM:
-            problem = cuda_problem(vllm_config)
-            if problem:
-                raise FastctxConfigError(f"fastctx config: {problem}")
-            if vllm_config.parallel_config.worker_cls == "auto":
-                vllm_config.parallel_config.worker_cls = CUDA_WORKER_CLS
+        selected = vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM
+        if selected and vllm_config.parallel_config.worker_cls == "auto":
+            vllm_config.parallel_config.worker_cls = CUDA_WORKER_CLS
         super().check_and_update_config(vllm_config)
-        validate(vllm_config)
+        cfg = validate(vllm_config)
+        problem = cuda_problem(vllm_config, cfg) if selected else None
+        if problem:
+            raise FastctxConfigError(f"fastctx config: {problem}")

@@ -424,7 +424,7 @@ def bind_full_attention_layer(vllm_config, model_runner) -> AttentionRuntime | N
     """With a fastctx config (``--attention-backend CUSTOM``), the methods run on SambaY's full-attention layer
     (layer L/2+1, whose KV the cross-decoder shares): its two differential maps are the runtime's two
     layers. Returns the runtime, or None when the engine's model is not SambaY."""
-    from fastctx.vllm_plugin.platform import validate
+    from fastctx.vllm_plugin.checks import validate
 
     model = model_runner.model
     if not isinstance(model, Phi4FlashForCausalLM):
