@@ -11,9 +11,9 @@ single-chain depth measured before, 0 included.
 Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
 request a different passage; the prompts are prefilled once before timing (prefix cache), so the
 timed runs are decode. ``accept_len`` is tokens per verification: accepted drafts plus the
-residual or bonus token (fastctx's counts; vLLM's metrics for its n-gram). fastctx's SpecTr step
-verifies in its own pass and vLLM then adds one token more, so its tokens per engine step are
-``accept_len + 1`` for two target passes.
+residual or bonus token (fastctx's counts; vLLM's metrics for its n-gram). One chain is verified in
+vLLM's own pass (``tokens_per_engine_step`` = ``accept_len``); k >= 2 chains are verified in a pass
+of fastctx's and vLLM then adds one token more (``accept_len + 1`` for two target passes).
 
 ``--engine hf``: fastctx's engine-free loop (``fastctx.specdec.hf_loop``: transformers model, one
 request at a time) with a model draft (``stream``, ``layers:N``, ``model:DIR``) or ``ngram``, on
@@ -78,6 +78,8 @@ def parse_args():
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="vllm: times every method runs at every batch size (interleaved; tok/s over all)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--depth", type=int, default=4, help="speculation length of the fixed SD / SpecTr runs")
     ap.add_argument("--fixed-depths", default="1,2,3,4,6", help="single-chain lengths for the best fixed")
@@ -219,7 +221,7 @@ def run_vllm(args) -> dict:
     results: dict[str, dict] = {name: {} for name in runs}
 
     def timed(b, name, engine, arm):
-        """Time one run of ``name`` at batch size ``b`` into ``results``."""
+        """Time one run of ``name`` at batch size ``b``, adding it to ``results`` (summed over rounds)."""
         batch = [{"prompt_token_ids": p} for p in prompts[:b]]
         llm = engines[engine]
         if engine in SPECTR_ENGINES:
@@ -229,22 +231,32 @@ def run_vllm(args) -> dict:
         outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        run = {"tokens": tokens, "seconds": seconds, "verifications": 0, "verified_tokens": 0, "engine_steps": 0}
         if engine in SPECTR_ENGINES:
             st = llm.collective_rpc("fastctx_spectr_stats", args=("reset",))[0]
-            accept = st["tokens_per_verification"] or 1.0
+            run.update(verifications=st["steps"], verified_tokens=st["tokens"],
+                       engine_steps=st["steps"] and st["tokens_per_step"] * st["steps"])
         elif engine == "vllm_ngram":
             drafts, accepted = (a - c for a, c in zip(spec_metrics(llm), before))
-            st, accept = {}, 1 + accepted / drafts if drafts else 1.0
-        else:
-            st, accept = {}, 1.0
-        results[name][b] = {"tokens_per_s": tokens / seconds, "accept_len": accept,
-                            **({"tokens_per_engine_step": st["tokens_per_step"]} if st else {}),
-                            **({"arms": st["arms"]} if name == "scylla" else {})}
-        print(f"batch {b}: {name:11s} accept_len {accept:5.2f} tok/s {tokens / seconds:7.2f}", flush=True)
+            run.update(verifications=drafts, verified_tokens=drafts + accepted)
+        total = results[name].setdefault(b, {"tokens": 0, "seconds": 0.0, "verifications": 0, "verified_tokens": 0,
+                                             "engine_steps": 0, **({"arms": {}} if name == "scylla" else {})})
+        for key, value in run.items():
+            total[key] += value
+        if name == "scylla":
+            for arm_name, count in st["arms"].items():
+                total["arms"][arm_name] = total["arms"].get(arm_name, 0) + count
+        total["tokens_per_s"] = total["tokens"] / total["seconds"]
+        total["accept_len"] = total["verified_tokens"] / total["verifications"] if total["verifications"] else 1.0
+        if engine in SPECTR_ENGINES and total["verifications"]:
+            total["tokens_per_engine_step"] = total["engine_steps"] / total["verifications"]
+        print(f"batch {b}: {name:11s} accept_len {run['verified_tokens'] / max(run['verifications'], 1) or 1:5.2f} "
+              f"tok/s {tokens / seconds:7.2f}", flush=True)
 
-    for b in batches:
-        for name, (engine, arm) in runs.items():
-            timed(b, name, engine, arm)
+    for _ in range(args.rounds):  # rounds interleave, so drifting load hits every method alike
+        for b in batches:
+            for name, (engine, arm) in runs.items():
+                timed(b, name, engine, arm)
 
     def tps(name, b):
         return results[name][b]["tokens_per_s"]
@@ -262,8 +274,9 @@ def run_vllm(args) -> dict:
     warm(engines["vllm_table"])
     runs["vllm_table"] = ("vllm_table", None)
     results["vllm_table"] = {}
-    for b in batches:
-        timed(b, "vllm_table", "vllm_table", None)
+    for _ in range(args.rounds):
+        for b in batches:
+            timed(b, "vllm_table", "vllm_table", None)
     law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
     for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
         llm.llm_engine.engine_core.shutdown()
@@ -279,7 +292,8 @@ def run_vllm(args) -> dict:
     return {
         "engine": "vllm", "draft": "ngram (fastctx: distribution over earlier matches; vllm_ngram: vLLM's)",
         "temperature": args.temperature, "depth": args.depth, "batches": batches, "context": args.context,
-        "new_tokens": args.new_tokens, "dtype": args.dtype, "threads_bind": bind, "machine": machine(),
+        "new_tokens": args.new_tokens, "rounds": args.rounds, "dtype": args.dtype, "threads_bind": bind,
+        "machine": machine(),
         "accept_len_sd": results[sd][b1]["accept_len"],
         "accept_len_spectr_k2": results["spectr_k2"][b1]["accept_len"],
         "accept_len_spectr_k4": results["spectr_k4"][b1]["accept_len"],

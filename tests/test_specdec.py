@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastctx.specdec.chains import verify_chains
-from fastctx.specdec.kseq import beta, kseq, kseq_greedy, kseq_reference, optimal_rho, output_distribution
+from fastctx.specdec.kseq import beta, kseq, kseq_greedy, kseq_reference, optimal_rho, output_distribution, sample
 
 LEVEL = 1e-3
 
@@ -52,6 +52,17 @@ def test_kseq_outputs_follow_the_target(k, seed):
     p_acc = 1 - (1 - float(beta(p, q, rho))) ** k
     accepted = int((first >= 0).sum())
     assert chi_square_p(np.array([accepted, n - accepted]), np.array([p_acc, 1 - p_acc])) > LEVEL
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zeros():
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(2 * torch.randn(12, generator=gen, dtype=torch.float64), -1)
+    probs[[0, 5, 11]] = 0  # unnormalized rows, zeros first, inside and last
+    tok = sample(probs.expand(40000, -1) * 3, gen)
+    counts = np.bincount(tok.numpy(), minlength=12)
+    assert counts[[0, 5, 11]].sum() == 0
+    assert chi_square_p(counts, (probs / probs.sum()).numpy()) > LEVEL
+    assert sample(torch.tensor([0.0, 0.0, 1.0]), gen).shape == ()
 
 
 def test_the_chi_square_check_rejects_a_sampler_that_is_not_lossless():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastctx.specdec.kseq import kseq, kseq_greedy
+from fastctx.specdec.kseq import kseq, kseq_greedy, sample
 
 
 @dataclass
@@ -47,6 +47,6 @@ def verify_chains(drafts: torch.Tensor, p: torch.Tensor | None, q: torch.Tensor,
         alive = alive[cand == tok]
     lead = alive[0]
     last = q[lead, depth]
-    bonus = last.argmax() if p is None else torch.multinomial(last.float(), 1, generator=generator)[0]
+    bonus = last.argmax() if p is None else sample(last, generator)
     tokens.append(int(bonus))
     return Verdict(tokens, int(lead))

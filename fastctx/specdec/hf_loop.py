@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastctx.specdec.chains import verify_chains
-from fastctx.specdec.kseq import target_probs
+from fastctx.specdec.kseq import sample, target_probs
 from fastctx.specdec.scylla import ScyllaPolicy
 
 
@@ -43,8 +43,7 @@ def _draw(probs: torch.Tensor, temperature: float, gen: torch.Generator) -> torc
     """One token per row of ``probs`` ``[..., V]``: sampled, or the argmax at temperature 0."""
     if not temperature:
         return probs.argmax(-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]).float(), 1, generator=gen)
-    return flat.reshape(probs.shape[:-1])
+    return sample(probs, gen)
 
 
 def _keep(cache, row: int, length: int) -> None:
@@ -156,27 +155,44 @@ class NgramDraft:
         self.follow: dict[tuple, Counter] = {}
         self.unigram: Counter = Counter()
         self.indexed = 0
+        self._unigram_share: torch.Tensor | None = None  # the context's token frequencies, dense
 
     def _index(self, tokens: list[int]) -> None:
+        if self.indexed == len(tokens):
+            return
         for i in range(self.indexed, len(tokens)):
             self.unigram[tokens[i]] += 1
             for n in range(self.min_n, min(self.max_n, i) + 1):
                 self.follow.setdefault(tuple(tokens[i - n:i]), Counter())[tokens[i]] += 1
         self.indexed = len(tokens)
+        self._unigram_share = None
 
-    def _share(self, counts: Counter) -> torch.Tensor:
-        p = torch.zeros(self.vocab, dtype=torch.float64)
-        p[list(counts)] = torch.tensor(list(counts.values()), dtype=torch.float64)
-        return p / p.sum()
+    def _sparse_share(self, counts: Counter) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.tensor(list(counts.values()), dtype=torch.float64)
+        return torch.tensor(list(counts), dtype=torch.long), values / values.sum()
 
     def dist(self, tail: list[int]) -> torch.Tensor:
-        p = self._share(self.unigram)
+        # Interpolated from the longest matching context down: the longest gets weight w, the next
+        # w (1 - w), ... and the context's token frequencies what is left. Only the frequencies are
+        # dense; a drafting step asks for depth x k distributions over the whole vocabulary, so they
+        # are built once per indexed context and the contexts' few followers added sparsely.
+        matches = []
         for n in range(self.min_n, min(self.max_n, len(tail)) + 1):
             counts = self.follow.get(tuple(tail[-n:]))
             if counts is None:  # a longer context cannot have occurred either
                 break
-            p = self._share(counts) if self.interpolation == 1 else \
-                self.interpolation * self._share(counts) + (1 - self.interpolation) * p
+            matches.append(counts)
+        w = self.interpolation
+        rest = 0.0 if matches and w == 1 else (1 - w) ** len(matches)
+        if self._unigram_share is None:
+            index, share = self._sparse_share(self.unigram)
+            self._unigram_share = torch.zeros(self.vocab, dtype=torch.float64).index_add_(0, index, share)
+        p = self._unigram_share * rest
+        for depth_from_longest, counts in enumerate(reversed(matches)):
+            index, share = self._sparse_share(counts)
+            p.index_add_(0, index, share * (w * (1 - w) ** depth_from_longest))
+            if w == 1:
+                break
         return p
 
     def propose(self, tokens: list[int], k: int, depth: int, temperature: float, gen: torch.Generator):

@@ -15,12 +15,16 @@ the policy picks the (g, k) with most tokens per second. Depth 0 (no speculation
 where drafting costs more than it saves, the policy stops speculating.
 
 The laws, not trials, rank the arms: per batch size the policy first runs no speculation and the
-cheapest speculation (the smallest depth, one chain), then the predicted best arm. With probability
-``explore / (1 + n / 20)`` (n: steps so far at that batch size) it runs a neighbour of the best arm
-instead (the next depth up or down, or twice or half the chains), so the laws keep seeing the choices
-they rank; a neighbour that would be slower than the best arm even if every draft were accepted
-is not tried. A deep, many-chain arm can cost dozens of plain steps, so trying every arm, or
-exploring uniformly, would cost more than the choice gains.
+cheapest speculation (the smallest depth, one chain), then picks by Thompson sampling: each step it
+draws the acceptance law's coefficients from the fit's Gaussian posterior and runs the arm with
+most tokens per second under that draw, among the arms already timed at this batch size and the
+neighbours of the fit's best arm (the next depth up or down, or twice or half the chains). A law
+seen on few steps (a new batch size, a few unlucky drafts) keeps trying the lengths it is unsure
+of; one seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps
+so far at that batch size) it runs a neighbour instead, so arms not timed yet get timed
+(``explore=0``: the fit's best arm, no sampling). An arm that would be slower than the best arm
+even if every draft were accepted is not tried. A deep, many-chain arm can cost dozens of plain
+steps, so trying every arm, or exploring uniformly, would cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class OnlineLeastSquares:
         self.seen += len(targets)
         self._coef = None
 
+    def sample(self, rng: np.random.Generator, variance: float) -> np.ndarray:
+        """Coefficients drawn from the fit's Gaussian posterior (noise ``variance`` per observation)."""
+        a = self.xtx + self.ridge * np.eye(len(self.prior))
+        return rng.multivariate_normal(self.coef(), variance * np.linalg.inv(a), method="cholesky")
+
     def coef(self) -> np.ndarray:
         if self._coef is None:
             # Shrunk toward the prior, so a law seen on few arms stays near it off those arms.
@@ -62,6 +71,7 @@ class OnlineLeastSquares:
 
 
 MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
+ACCEPT_VARIANCE = 0.25  # a 0/1 acceptance's variance at most: the posterior Thompson sampling draws from
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
@@ -96,17 +106,21 @@ class ScyllaPolicy:
         self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0], self.decay)
         self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
+        self._law_rng = np.random.default_rng(self.seed)
         self._steps: dict[tuple[int, int, int], list[float]] = {}  # (depth, k, batch) -> [weight, seconds]
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
 
-    def accept_rate(self, k: int, batch: int, depth: int) -> float:
-        return float(np.clip(np.dot(self.acceptance.coef(), _law_row(k, batch, depth)), 0.01, MAX_ACCEPT))
+    def accept_rate(self, k: int, batch: int, depth: int, law: np.ndarray | None = None) -> float:
+        law = self.acceptance.coef() if law is None else law
+        return float(np.clip(np.dot(law, _law_row(k, batch, depth)), 0.01, MAX_ACCEPT))
 
-    def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None) -> float:
-        """Tokens per request of a step; ``rate`` fixes every depth's acceptance instead of the law."""
+    def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None,
+                        law: np.ndarray | None = None) -> float:
+        """Tokens per request of a step; ``rate`` fixes every depth's acceptance instead of the law,
+        ``law`` gives the law's coefficients (default: the fit)."""
         total, alive = 1.0, 1.0
         for t in range(1, depth + 1):
-            alive *= self.accept_rate(k, batch, t) if rate is None else rate
+            alive *= self.accept_rate(k, batch, t, law) if rate is None else rate
             total += alive
         return total
 
@@ -134,23 +148,29 @@ class ScyllaPolicy:
             if (probe[0], probe[1], batch) not in self._steps:
                 return probe
 
-        def rate(arm, accept=None):
+        def rate(arm, accept=None, law=None):
             seconds = self.expected_seconds(arm[0], arm[1], batch)
             if seconds is None:  # neither seen nor predictable yet
                 return -math.inf
-            return self.expected_tokens(arm[0], arm[1], batch, accept) * batch / max(seconds, 1e-9)
+            return self.expected_tokens(arm[0], arm[1], batch, accept, law) * batch / max(seconds, 1e-9)
 
         best = max(arms, key=rate)
-        if self._rng.random() < self.explore / (1 + n / 20):
-            at = depths.index(best[0])
-            near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - at) == 1 and a[1] in (best[1], 1))
-                                                      or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
-            # An arm too slow to win even if every draft were accepted is not worth a try.
-            bar = rate(best)
-            near = [a for a in near if rate(a, MAX_ACCEPT) > bar or self.expected_seconds(a[0], a[1], batch) is None]
-            if near:
-                return self._rng.choice(near)
-        return best
+        bar = rate(best)
+        depth_at = depths.index(best[0])
+        near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - depth_at) == 1 and a[1] in (best[1], 1))
+                                                  or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
+        # An arm too slow to win even if every draft were accepted is not worth a try.
+        near = [a for a in near if rate(a, MAX_ACCEPT) > bar or self.expected_seconds(a[0], a[1], batch) is None]
+        if self.explore and self._rng.random() < self.explore / (1 + n / 20) and near:
+            return self._rng.choice(near)
+        if not self.explore:
+            return best
+        # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
+        # law drawn from the fit's posterior, so a law seen on few steps (a short request, a new batch
+        # size) keeps trying the lengths it is unsure of, and one seen on many settles.
+        timed = [a for a in arms if (a[0], a[1], batch) in self._steps and (a == best or rate(a, MAX_ACCEPT) > bar)]
+        law = self.acceptance.sample(self._law_rng, ACCEPT_VARIANCE)
+        return max(dict.fromkeys([best, *timed, *near]), key=lambda a: rate(a, law=law))
 
     def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
         """One step: how many draft tokens each request accepted, and the step's wall time."""

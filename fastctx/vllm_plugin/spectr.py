@@ -1,21 +1,24 @@
-"""SpecTr in stock vLLM: a ``custom_class`` proposer that verifies k draft chains itself.
+"""SpecTr in stock vLLM: a ``custom_class`` proposer, and a rejection sampler that verifies its drafts.
 
 vLLM 0.32 verifies one flat chain per request and cannot take draft probabilities from a custom
-proposer, so the k chains cannot ride in its own verification pass. This proposer instead runs
-the whole SpecTr step between two engine steps:
+proposer. fastctx's ``VerifiedDrafts`` replaces vLLM's rejection sampler, and the proposer keeps
+the draft probabilities itself, so:
 
-1. draws k chains of ``depth`` tokens from the draft (n-gram distribution, per request);
-2. scores them with the target's own decoder layers over the request's cached KV, read in place
-   from vLLM's paged cache (``fastctx.specdec.score``);
-3. runs K-SEQ depth by depth (``fastctx.specdec.chains``) and hands vLLM the result, the accepted
-   drafts plus the residual or bonus token, as the request's "draft".
+- one chain (speculative sampling, and every request at temperature 0) rides in vLLM's own pass:
+  the proposer drafts ``depth`` tokens (n-gram distribution, per request) and keeps their
+  distribution; vLLM's next step computes the target's logits behind them, and ``VerifiedDrafts``
+  accepts by K-SEQ with k = 1 (``fastctx.specdec.chains``) against those logits, vLLM's own sampler
+  drawing the bonus token when every draft is accepted. Cost: vLLM's pass over depth + 1 tokens.
+- k >= 2 chains cannot ride in vLLM's one flat chain, so the proposer runs the whole SpecTr step
+  between two engine steps: it draws k chains, scores them with the target's own decoder layers
+  over the request's cached KV, read in place from vLLM's paged cache (``fastctx.specdec.score``),
+  runs K-SEQ depth by depth and hands vLLM the result, the accepted drafts plus the residual or
+  bonus token, as the request's "draft". ``VerifiedDrafts`` keeps every such token (each is
+  already an exact draw from the target) and samples one more after them with vLLM's own sampler.
+  Cost: the chains' scoring pass plus vLLM's pass, for the accepted tokens + 2.
 
-vLLM's next step computes those tokens' KV and logits as for any draft; fastctx's
-``VerifiedDrafts`` replaces its rejection sampler and keeps every such token (each is already an
-exact draw from the target), then samples one more token from the target's logits after them with
-vLLM's own sampler. Cost: the chains' scoring pass plus vLLM's pass per step, for the accepted
-tokens + 2. Requests whose sampling vLLM changes beyond temperature (top-p/k, min-p, penalties,
-logit bias, allowed/bad words, a seed) get no drafts and decode as without speculation.
+Requests whose sampling vLLM changes beyond temperature (top-p/k, min-p, penalties, logit bias,
+allowed/bad words, a seed) get no drafts and decode as without speculation.
 
     --speculative-config '{"method": "custom_class", "model": "fastctx.vllm_plugin.spectr.SpecTrProposer",
                            "num_speculative_tokens": 5}'            # depth 4: 4 drafts + 1
@@ -81,13 +84,15 @@ class SpecTrStats:
         self.steps = 0  # verification steps run (one per request and engine step with drafts)
         self.tokens = 0  # tokens they produced (accepted drafts + the residual or bonus)
         self.accepted = 0
+        self.engine_tokens = 0  # tokens vLLM kept in those steps (chains verified ahead get one more)
         self.skipped = 0  # request steps left without drafts (their sampling is not plain)
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, verified_ahead: bool) -> None:
         with self._lock:
             self.steps += 1
             self.tokens += tokens
             self.accepted += tokens - 1
+            self.engine_tokens += tokens + verified_ahead
 
     def summary(self, reset: bool = False) -> dict:
         with self._lock:
@@ -95,8 +100,8 @@ class SpecTrStats:
                    "skipped": self.skipped,
                    # accepted drafts + the residual or bonus token: SpecTr's accepted length
                    "tokens_per_verification": self.tokens / self.steps if self.steps else 0.0,
-                   # vLLM adds one token of its own after each verified run
-                   "tokens_per_step": (self.tokens + self.steps) / self.steps if self.steps else 0.0}
+                   # vLLM adds one token of its own after each run of chains verified ahead
+                   "tokens_per_step": self.engine_tokens / self.steps if self.steps else 0.0}
             if reset:
                 self.reset()
             return out
@@ -109,6 +114,10 @@ class SpecTrProposer:
         self.vocab = vllm_config.model_config.get_vocab_size()
         self.gen = torch.Generator().manual_seed(self.params.seed)
         self.drafts: dict = {}  # request id -> its NgramDraft
+        # request id -> (drafts [1, n], their distribution [1, n, V] or None at temperature 0, temperature):
+        # one chain handed to vLLM, which VerifiedDrafts verifies against vLLM's logits next step
+        self.pending: dict[str, tuple] = {}
+        self.accepted: dict[str, int] = {}  # request id -> drafts accepted in the step Scylla has yet to time
         self.stats = SpecTrStats()
         # The check (RPC fastctx_spectr_check): the target's logits behind each request's verified
         # tokens, compared with vLLM's logits for the same positions one step later.
@@ -127,7 +136,7 @@ class SpecTrProposer:
 
             self.table = build_dynamic_sd_schedule_lookup(schedule, vllm_config.scheduler_config.max_num_seqs,
                                                           vllm_config.speculative_config.num_speculative_tokens)
-        self._last_step = None  # (depth, chains, request ids, accepted, started) of a step Scylla has yet to time
+        self._last_step = None  # (depth, chains, request ids, started) of a step Scylla has yet to time
         self.arms: dict[str, int] = {}
         self.runner = None
         self._target = None
@@ -159,6 +168,7 @@ class SpecTrProposer:
         live = set(batch.req_ids)
         for gone in set(self.drafts) - live:
             del self.drafts[gone]
+        self.pending.clear()  # whatever vLLM did not schedule of the last drafts is not verified
         now = time.perf_counter()
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         eligible = []
@@ -175,10 +185,12 @@ class SpecTrProposer:
         if self._last_step is not None:
             # A step's time runs from one proposal to the next (ours and vLLM's pass); it is a decode step's
             # only if the same requests went on (no prefill joined, no idle gap between generate calls).
-            depth, k, last_ids, accepted, started = self._last_step
+            depth, k, last_ids, started = self._last_step
             if last_ids == ids:
-                self.policy.observe(depth, k, len(ids), accepted, now - started)
+                self.policy.observe(depth, k, len(ids), list(self.accepted.values()) or [0] * len(ids),
+                                    now - started)
             self._last_step = None
+        self.accepted.clear()
         if not eligible:
             return out
         step_arm = self.policy.choose(len(eligible)) if self.policy else None
@@ -198,8 +210,7 @@ class SpecTrProposer:
         for (row, *_), tokens in zip(work, verified):
             out[row] = tokens
         if self.policy is not None:
-            accepted = [len(t) - 1 for t in verified] or [0] * len(eligible)
-            self._last_step = (*step_arm, ids, accepted, now)
+            self._last_step = (*step_arm, ids, now)
         return out
 
     def _request_arm(self, sp) -> tuple[int, int]:
@@ -226,30 +237,64 @@ class SpecTrProposer:
         return out
 
     def _verify(self, work: list[tuple]) -> list[list[int]]:
-        """Draft each request's chains, score every chain of the batch in one pass, verify each request."""
+        """Draft each request's chains; one chain goes to vLLM to verify in its own pass, several are
+        scored together in one pass of the proposer's and verified here."""
         from fastctx.specdec.chains import verify_chains
         from fastctx.specdec.kseq import target_probs
         from fastctx.specdec.score import Chains, score_batch
 
-        drafted, batch = [], []
+        out, ahead, batch = [], [], []
         for row, req_id, tokens, temperature, depth, k in work:
-            # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
             draft = self.drafts.get(req_id)
             if draft is None:
                 draft = self.drafts[req_id] = self.params.draft(self.vocab)
-            drafts, p = draft.propose(tokens, k if temperature else 1, depth, temperature, self.gen)
+            # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
+            k = k if temperature else 1
+            drafts, p = draft.propose(tokens, k, depth, temperature, self.gen)
+            out.append(drafts[0].tolist())
+            if k == 1:
+                self.pending[req_id] = (drafts, p if temperature else None, temperature)
+                continue
             start = len(tokens) - 1  # the newest token has no KV yet; everything before it does
-            drafted.append((drafts, p))
+            ahead.append((len(out) - 1, req_id, temperature, drafts, p))
             batch.append(Chains(tokens[-1], drafts, start, self._prefix(row, start) if start else None))
-        results = []
-        for (_, req_id, _, temperature, _, _), (drafts, p), logits in zip(work, drafted,
-                                                                           score_batch(self.stack(), batch)):
-            verdict = verify_chains(drafts, p if temperature else None, target_probs(logits, temperature), self.gen)
-            self.stats.add(len(verdict.tokens))
+        scored = score_batch(self.stack(), batch) if batch else []
+        for (at, req_id, temperature, drafts, p), logits in zip(ahead, scored):
+            verdict = verify_chains(drafts, p, target_probs(logits, temperature), self.gen)
+            self.stats.add(len(verdict.tokens), verified_ahead=True)
+            self.accepted[req_id] = verdict.accepted
             if self.record:
                 self.recorded[req_id] = logits[verdict.chain, :len(verdict.tokens)].float()
-            results.append(verdict.tokens)
-        return results
+            out[at] = verdict.tokens
+        return out
+
+    def verify_in_pass(self, req_id: str, drafts: torch.Tensor, target_logits: torch.Tensor,
+                       bonus: int) -> list[int] | None:
+        """The tokens vLLM keeps for a chain this proposer handed it unverified: K-SEQ with k = 1 over
+        the ``drafts`` vLLM scheduled and its logits behind them (``target_logits`` ``[n, V]``, vLLM's
+        logits processors applied), then vLLM's ``bonus`` if every draft is accepted. None if the
+        request's drafts were verified ahead."""
+        from fastctx.specdec.chains import verify_chains
+        from fastctx.specdec.kseq import target_probs
+
+        pending = self.pending.pop(req_id, None)
+        if pending is None:
+            return None
+        mine, p, temperature = pending
+        n = len(drafts)
+        if n > mine.shape[1] or not torch.equal(mine[0, :n], drafts.to(mine.dtype)):
+            raise RuntimeError(f"SpecTr: vLLM scheduled drafts {drafts.tolist()} for request {req_id}, "
+                               f"not the proposer's {mine[0].tolist()}")
+        q = target_probs(target_logits, temperature)
+        # The bonus row is vLLM's to sample; K-SEQ only needs a distribution there to stay well-formed.
+        q = torch.cat([q, q[-1:]])[None]
+        verdict = verify_chains(mine[:, :n], None if p is None else p[:, :n], q, self.gen)
+        tokens = verdict.tokens
+        if verdict.accepted == n:
+            tokens[-1] = bonus
+        self.stats.add(len(tokens), verified_ahead=False)
+        self.accepted[req_id] = verdict.accepted
+        return tokens
 
     def _prefix(self, row: int, start: int):
         from fastctx.vllm_plugin.paged_kv import prefix_reader
@@ -261,8 +306,10 @@ class SpecTrProposer:
 
 
 class VerifiedDrafts(torch.nn.Module):
-    """vLLM's rejection sampler for SpecTr's drafts: every draft is kept (each is a verified draw from
-    the target), and one token is sampled after them from the target's logits by vLLM's own sampler."""
+    """vLLM's rejection sampler for SpecTr's drafts. A chain the proposer handed over unverified is
+    verified against this pass's logits (``SpecTrProposer.verify_in_pass``); chains verified ahead are
+    kept whole (each token is already a draw from the target). Either way the last token, when every
+    draft stands, is vLLM's own sampler's draw from the target's logits after them."""
 
     def __init__(self, stock, drafter: SpecTrProposer):
         super().__init__()
@@ -285,7 +332,8 @@ class VerifiedDrafts(torch.nn.Module):
 
         from vllm.v1.outputs import SamplerOutput
 
-        if self.drafter.record:
+        d = self.drafter
+        if d.record:
             self._check(metadata, logits)
         bonus = self.stock.sampler(
             logits=logits[metadata.bonus_logits_indices],
@@ -294,10 +342,22 @@ class VerifiedDrafts(torch.nn.Module):
         counts = metadata.num_draft_tokens
         out = torch.full((len(counts), metadata.max_spec_len + 1), -1, dtype=torch.int32, device=logits.device)
         drafts = metadata.draft_token_ids.to(torch.int32)
+        processed = None
+        if d.pending:  # chains for vLLM's pass to verify: its processing of the target rows, as its sampler's
+            raw = logits[metadata.target_logits_indices].to(torch.float32)
+            processed = self.stock.apply_logits_processors(raw.clone(), sampling_metadata, metadata).cpu()
         at = 0
         for row, n in enumerate(counts):
-            out[row, :n] = drafts[at:at + n]
-            out[row, n] = bonus.sampled_token_ids[row, 0]
+            extra = int(bonus.sampled_token_ids[row, 0])
+            kept = None
+            if n and processed is not None:
+                kept = d.verify_in_pass(d.runner.input_batch.req_ids[row], drafts[at:at + n].cpu(),
+                                        processed[at:at + n], extra)
+            if kept is None:  # verified ahead (or no drafts): every draft is kept, vLLM's token follows
+                out[row, :n] = drafts[at:at + n]
+                out[row, n] = extra
+            else:
+                out[row, :len(kept)] = torch.tensor(kept, dtype=torch.int32)
             at += n
         logprobs = None
         if sampling_metadata.max_num_logprobs is not None:
@@ -305,4 +365,3 @@ class VerifiedDrafts(torch.nn.Module):
             logprobs = self.stock._get_logprobs_tensors(sampling_metadata.max_num_logprobs, metadata, logits, raw,
                                                         bonus.logprobs_tensors.logprobs, out)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs)
-

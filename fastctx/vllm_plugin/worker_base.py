@@ -68,8 +68,9 @@ class FastctxWorkerExtension:
         return drafter.summary(reset=reset in (True, "reset")) if isinstance(drafter, SpecTrProposer) else {}
 
     def fastctx_spectr_check(self, on: bool | str = True) -> bool:
-        """Compare SpecTr's target distribution with vLLM's logits for every verified token from now on
-        (``fastctx_spectr_stats`` then reports ``logit_gap_max``); False without fastctx's proposer."""
+        """Compare SpecTr's target distribution with vLLM's logits for every token verified ahead (k >= 2
+        chains) from now on (``fastctx_spectr_stats`` then reports ``logit_gap_max``); False without
+        fastctx's proposer."""
         from fastctx.vllm_plugin.spectr import SpecTrProposer
 
         drafter = getattr(getattr(self, "model_runner", None), "drafter", None)
