@@ -18,6 +18,7 @@ averaged over layers and heads:
    the block grid it reads).
 
     python benchmarks/method_variants.py --tokens 8000
+    python benchmarks/method_variants.py --quick        # 2100 tokens
 The last line printed is one JSON object.
 """
 
@@ -149,8 +150,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8100,
                         help="not a multiple of FlexPrefill's block, so variant 4 can differ")
+    parser.add_argument("--quick", action="store_true", help="2100 tokens")
     parser.add_argument("--model", help="model directory (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens = 2100
     from fastctx.default_model import require_default_model
 
     layers = capture(args.model or str(require_default_model()), args.tokens)

@@ -148,3 +148,19 @@ def test_last_rows_pair_counts_equal_the_mask():
             mask = causal if mask is None else mask & causal  # (a mask says what is read besides causality)
             want = int(mask.expand(9, -1, -1).sum()), int((pos + 1).sum()) * 9
             assert read.last_rows_pair_counts(q_len, 300, 9) == read.pair_counts(pos, 9) == want
+
+
+def test_density_stats_add_counts_left_on_an_accelerator_and_report_ints():
+    """On an accelerator an index's read count stays there as a 0-d tensor (no read-back per layer);
+    the runtime's stats add such counts as they add ints and report plain ints (they cross RPCs)."""
+    from fastctx.core import DensityStats
+
+    on_host, on_device = DensityStats(), DensityStats()
+    for read, causal, chunks in ((30, 50, 1), (50, 50, 1), (70, 120, 3)):
+        sparse = read < causal
+        on_host.add(read, causal, sparse, chunks)
+        count = torch.tensor(read)
+        on_device.add(count, causal, count < causal, chunks)
+    assert on_device.as_dict() == on_host.as_dict() == {
+        "density": round(150 / 220, 4), "read_pairs": 150, "causal_pairs": 220, "sparse_chunks": 2, "dense_chunks": 3}
+    assert all(type(v) in (int, float) for v in on_device.as_dict().values())

@@ -22,25 +22,31 @@ MIN_SPARSE_QUERIES = 64
 
 @dataclass
 class DensityStats:
-    read_pairs: int = 0
+    """Pairs read and chunks restricted. On an accelerator the counts an index's read gives stay
+    there as tensors (adding them up needs no read-back per layer); they become ints when read."""
+
+    read_pairs: int | torch.Tensor = 0
     causal_pairs: int = 0
-    sparse_chunks: int = 0  # (request, layer) reads that a method restricted
-    dense_chunks: int = 0  # (request, layer) reads of every causal key
+    sparse_chunks: int | torch.Tensor = 0  # (request, layer) reads that a method restricted
+    dense_chunks: int | torch.Tensor = 0  # (request, layer) reads of every causal key
 
     @property
     def density(self) -> float:
-        return self.read_pairs / self.causal_pairs if self.causal_pairs else 1.0
+        return int(self.read_pairs) / self.causal_pairs if self.causal_pairs else 1.0
 
-    def add(self, read: int, causal: int, sparse: bool) -> None:
+    def add(self, read: int | torch.Tensor, causal: int, sparse: int | torch.Tensor, chunks: int = 1) -> None:
+        """``chunks`` (request, layer) reads with ``read`` of ``causal`` pairs, ``sparse`` of them restricted."""
+        if isinstance(sparse, torch.Tensor):
+            sparse = sparse.long()  # (a bool tensor cannot be subtracted)
         self.read_pairs += read
         self.causal_pairs += causal
         self.sparse_chunks += sparse
-        self.dense_chunks += not sparse
+        self.dense_chunks += chunks - sparse
 
     def as_dict(self) -> dict:
-        return {"density": round(self.density, 4), "read_pairs": self.read_pairs,
-                "causal_pairs": self.causal_pairs, "sparse_chunks": self.sparse_chunks,
-                "dense_chunks": self.dense_chunks}
+        return {"density": round(self.density, 4), "read_pairs": int(self.read_pairs),
+                "causal_pairs": self.causal_pairs, "sparse_chunks": int(self.sparse_chunks),
+                "dense_chunks": int(self.dense_chunks)}
 
 
 class RequestStates:
@@ -135,11 +141,7 @@ class AttentionRuntime:
                 r, c = read.pair_counts(batch.request_positions(b), heads)
             read_pairs, causal_pairs, sparse = read_pairs + r, causal_pairs + c, sparse + (r < c)
         with self._lock:
-            stats = self.stats["decode"]
-            stats.read_pairs += read_pairs
-            stats.causal_pairs += causal_pairs
-            stats.sparse_chunks += sparse
-            stats.dense_chunks += nd - sparse
+            self.stats["decode"].add(read_pairs, causal_pairs, sparse, chunks=nd)
         return reads
 
     def prefill_reads(self, batch: StepBatch, layer: int, scale: float) -> list[Read]:

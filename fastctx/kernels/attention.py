@@ -71,8 +71,9 @@ class Read:
         blocks = self.block0 + rows // self.index.block_q
         return rows_mask(self.index.ranges[:, blocks], self.index.cols[:, blocks], row_pos, num_keys)
 
-    def pair_counts(self, row_pos: torch.Tensor, heads: int) -> tuple[int, int]:
-        """(read, causal) (query, key) pairs of rows at ``row_pos``, summed over ``heads``."""
+    def pair_counts(self, row_pos: torch.Tensor, heads: int) -> tuple[int | torch.Tensor, int]:
+        """(read, causal) (query, key) pairs of rows at ``row_pos``, summed over ``heads`` (an index's
+        ``read`` on an accelerator stays there: ``index_pair_counts``)."""
         pos = row_pos.long()
         causal = int((pos + 1).sum()) * heads
         if self.kind == "dense":
@@ -82,7 +83,7 @@ class Read:
         return index_pair_counts(self.index.ranges, self.index.cols, pos, self.index.block_q, self.block0,
                                  self.index.has_cols)
 
-    def last_rows_pair_counts(self, q_len: int, seq_len: int, heads: int) -> tuple[int, int]:
+    def last_rows_pair_counts(self, q_len: int, seq_len: int, heads: int) -> tuple[int | torch.Tensor, int]:
         """``pair_counts`` of ``q_len`` queries at the last positions of ``seq_len`` keys, without tensor
         ops where it can (decode batches are counted every layer)."""
         first = seq_len - q_len  # position of the first query

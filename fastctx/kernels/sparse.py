@@ -50,8 +50,10 @@ class SparseIndex:
 
     @functools.cached_property
     def has_cols(self) -> bool:
-        """Whether any block lists single columns (decode indexes reused across steps ask once)."""
-        return bool((self.cols >= 0).any())
+        """Whether any block lists single columns (decode indexes reused across steps ask once). On an
+        accelerator it answers True without asking: the answer would stall the stream, and counting
+        columns that are all absent only costs work."""
+        return self.cols.device.type != "cpu" or bool((self.cols >= 0).any())
 
     @property
     def num_keys(self) -> int:
@@ -81,10 +83,11 @@ class SparseIndex:
     def density(self) -> float:
         """Share of the causal (query, key) pairs that the index reads (1.0 = dense)."""
         read, causal = self.pair_counts()
-        return read / causal
+        return int(read) / causal
 
-    def pair_counts(self) -> tuple[int, int]:
-        """(query, key) pairs the index reads, and causal pairs, summed over heads."""
+    def pair_counts(self) -> tuple[int | torch.Tensor, int]:
+        """(query, key) pairs the index reads (on an accelerator a 0-d tensor there, as
+        ``index_pair_counts``), and causal pairs, summed over heads."""
         return index_pair_counts(self.ranges, self.cols, self.row_positions(), self.block_q)
 
 
@@ -106,37 +109,39 @@ def rows_mask(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, n
 
 
 def index_pair_counts(ranges: torch.Tensor, cols: torch.Tensor, row_pos: torch.Tensor, block_q: int,
-                      first_block: int = 0, has_cols: bool | None = None) -> tuple[int, int]:
+                      first_block: int = 0, has_cols: bool | None = None) -> tuple[int | torch.Tensor, int]:
     """(read, causal) (query, key) pairs summed over heads, for query rows at ``row_pos`` (ascending)
     in index blocks ``first_block, first_block + 1, ...`` of ``block_q`` rows. Ranges and columns of
     one block never overlap (the index builders drop columns inside ranges). Counted a few blocks at
-    a time, so that a 128K-token index needs no more memory than a short one; on the index's device."""
+    a time, so that a 128K-token index needs no more memory than a short one; on the index's device.
+    ``causal`` is counted where ``row_pos`` lives; on an accelerator ``read`` stays there as a 0-d
+    tensor (reading it back would stall the stream every layer; sum it and read it when reporting)."""
     heads, device = ranges.shape[0], ranges.device
     n = len(row_pos)
     blocks = -(-n // block_q)
+    causal = int((row_pos.long() + 1).sum()) * heads
     pos = row_pos.to(device=device, dtype=torch.long)
-    causal = int((pos + 1).sum()) * heads
     col = cols[:, first_block:first_block + blocks]  # [H, R, NC]
     if has_cols is None:
-        has_cols = bool((col >= 0).any())
+        has_cols = device.type != "cpu" or bool((col >= 0).any())
     rows = block_q if blocks > 1 else n  # (a decode's one block may be nominally huge)
     step = max(1, _COUNT_ELEMENTS // (heads * (rows * 2 * ranges.shape[2] + col.shape[2])))
-    read = 0
+    read = torch.zeros((), dtype=torch.long, device=device)
     for b0 in range(0, blocks, step):
         b1 = min(blocks, b0 + step)
         part = pos[b0 * rows:b1 * rows]
         rng = ranges[:, first_block + b0 + torch.arange(len(part), device=device) // rows].long()  # [H, part, NR, 2]
         visible_end = torch.minimum(rng[..., 1], part[None, :, None] + 1)
-        read += int((visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum())
+        read += (visible_end - rng[..., 0].clamp(min=0)).clamp(min=0).sum()
         if has_cols:
             read += _column_pairs(col[:, b0:b1].long(), part, rows, heads)
-    return read, causal
+    return (int(read) if device.type == "cpu" else read), causal
 
 
 _COUNT_ELEMENTS = 1 << 24  # per chunk of blocks that index_pair_counts holds at once
 
 
-def _column_pairs(col: torch.Tensor, pos: torch.Tensor, rows: int, heads: int) -> int:
+def _column_pairs(col: torch.Tensor, pos: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
     """Pairs read through the columns ``col`` [H, blocks, NC] of consecutive blocks of ``rows`` rows at
     positions ``pos``: a column is read by the rows of its block at or after it."""
     blocks = col.shape[1]
@@ -145,7 +150,7 @@ def _column_pairs(col: torch.Tensor, pos: torch.Tensor, rows: int, heads: int) -
     block_pos = padded.view(blocks, rows)  # ascending per block
     before = torch.searchsorted(block_pos[None].expand(heads, -1, -1).contiguous(), col.contiguous())
     rows_in_block = torch.clamp(len(pos) - torch.arange(blocks, device=col.device) * rows, max=rows)
-    return int(torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum())
+    return torch.where(col >= 0, rows_in_block[None, :, None] - before, 0).sum()
 
 
 def _no_cols(heads: int, blocks: int) -> torch.Tensor:
@@ -212,11 +217,13 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     heads, device = vertical.shape[0], vertical.device
     if slash.shape[0] != heads:
         raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
-    first, last = (t.to(device) for t in _block_rows(q_len, prefix, block_q, None))
+    first, last = _block_rows(q_len, prefix, block_q, None)
+    block_sizes = (last - first + 1).unique().tolist()  # on the host: no device round trip
+    first, last = first.to(device), last.to(device)
     sizes = last - first + 1
     offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
     parts = []
-    for rows in torch.unique(sizes).tolist():  # full blocks, then a shorter last block
+    for rows in block_sizes:  # full blocks, then a shorter last block
         sel = sizes == rows
         parts.append((sel, _slash_ranges(offsets, first[sel], last[sel], rows)))
     ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long,
