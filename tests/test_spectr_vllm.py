@@ -133,11 +133,13 @@ def test_vllms_per_batch_size_schedule_sets_the_depth(vllm_available, model_dir,
     assert together["arms"].get("d2k2", 0) <= 4
 
 
-def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, prompts):
+def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, stock_llm, prompts):
     llm = spectr_engine(model_dir, chains=2, depth=2, scylla=True)
     try:
         generate(llm, prompts, 1.0, max_tokens=40)
         s = stats(llm)
+        # Whatever lengths it picks (no speculation included), greedy decoding gives the tokens of none.
+        assert generate(llm, prompts, 0.0) == generate(stock_llm, prompts, 0.0)
     finally:
         close(llm)
     # Per batch size Scylla probes no drafts (d0) and the cheapest drafts (d1k1), then runs what its laws
