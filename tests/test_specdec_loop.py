@@ -180,7 +180,6 @@ def test_scylla_settings_are_validated():
         ScyllaPolicy(explore=1.5)
 
 
-
 def test_scylla_recovers_from_unlucky_first_drafts():
     """Speculation pays here (conditional acceptance 0.6, a draft step ~1.1 plain steps), but the first
     three steps that drafted accepted nothing. Thompson sampling from the law's posterior keeps trying

@@ -183,7 +183,7 @@ class NgramDraft:
                 break
             matches.append(counts)
         w = self.interpolation
-        rest = 0.0 if matches and w == 1 else (1 - w) ** len(matches)
+        rest = (1 - w) ** len(matches)
         if self._unigram_share is None:
             index, share = self._sparse_share(self.unigram)
             self._unigram_share = torch.zeros(self.vocab, dtype=torch.float64).index_add_(0, index, share)

@@ -155,16 +155,16 @@ class ScyllaPolicy:
             return self.expected_tokens(arm[0], arm[1], batch, accept, law) * batch / max(seconds, 1e-9)
 
         best = max(arms, key=rate)
+        if not self.explore:
+            return best
         bar = rate(best)
         depth_at = depths.index(best[0])
         near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - depth_at) == 1 and a[1] in (best[1], 1))
                                                   or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
         # An arm too slow to win even if every draft were accepted is not worth a try.
         near = [a for a in near if rate(a, MAX_ACCEPT) > bar or self.expected_seconds(a[0], a[1], batch) is None]
-        if self.explore and self._rng.random() < self.explore / (1 + n / 20) and near:
+        if self._rng.random() < self.explore / (1 + n / 20) and near:
             return self._rng.choice(near)
-        if not self.explore:
-            return best
         # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
         # law drawn from the fit's posterior, so a law seen on few steps (a short request, a new batch
         # size) keeps trying the lengths it is unsure of, and one seen on many settles.
