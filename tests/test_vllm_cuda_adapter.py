@@ -118,16 +118,20 @@ def adapter_impl(section: dict):
     from fastctx.methods import ModelShape
     from fastctx.vllm_plugin.attention_cuda import FastctxFlashAttentionImpl, decode_metadata
     from fastctx.vllm_plugin.paged_kv import cuda_paged_kv
+    from tests.emulated_cuda import cpu_values, outside_emulation
 
     class FlashDecodesByReference(FastctxFlashAttentionImpl):
         decoded = 0
 
         def engine_decodes(self, layer, query, key, value, kv_cache, meta, output):
             sub = decode_metadata(meta)
-            n = sub.num_actual_tokens
-            output[:n] = reference_paged_attention(
-                query[:n], cuda_paged_kv(kv_cache), sub.block_table, sub.query_start_loc.tolist(),
-                sub.seq_lens.tolist(), [Read.DENSE] * sub.seq_lens.numel(), scale=self.scale).view(n, -1)
+            with outside_emulation():  # FlashAttention's own kernel is not what is checked
+                query, kv_cache, output = cpu_values(query), cpu_values(kv_cache), cpu_values(output)
+                block_table, qsl, seq_lens = map(cpu_values, (sub.block_table, sub.query_start_loc, sub.seq_lens))
+                n = sub.num_actual_tokens
+                output[:n] = reference_paged_attention(
+                    query[:n], cuda_paged_kv(kv_cache), block_table, qsl.tolist(), seq_lens.tolist(),
+                    [Read.DENSE] * seq_lens.numel(), scale=self.scale).view(n, -1)
             self.decoded += n
 
     config = VllmConfig(attention_config=AttentionConfig(backend=AttentionBackendEnum.CUSTOM),
@@ -200,3 +204,58 @@ def test_cuda_refuses_what_runs_on_cpu_only(vllm_available):
     blend = VllmConfig(attention_config=custom, kv_transfer_config=KVTransferConfig(
         kv_connector="FastctxBlendConnector", kv_role="kv_both"))
     assert "CPU engine only" in cuda_problem(blend, validate(blend))
+
+
+def _two_kv_heads_scores(tmp_path):
+    path = tmp_path / "heads.json"
+    path.write_text('{"scores": [[0.2, 0.8]]}')  # KV head 0 streaming, KV head 1 dense
+    return str(path)
+
+
+EMULATED_SECTIONS = {
+    "dense": lambda tmp: {"attention": "dense"},
+    "streaming": lambda tmp: {"attention": "streaming", "decode": "streaming", "streaming": {"sink": 4, "local": 24}},
+    "minference": lambda tmp: {"attention": "minference", "dense_below": 0,
+                               "minference": {"v_size": 8, "s_size": 12, "block_size": 16, "last_q": 16}},
+    "flexprefill": lambda tmp: {"attention": "flexprefill", "dense_below": 0,
+                                "flexprefill": {"gamma": 0.5, "min_budget": 16, "block_size": 32}},
+    "lserve": lambda tmp: {"attention": "lserve", "decode": "lserve", "dense_below": 0,
+                           "lserve": {"head_scores": _two_kv_heads_scores(tmp), "token_budget": 32, "page_size": 16,
+                                      "prefill_sink": 4, "prefill_local": 32, "decode_sink": 4, "decode_local": 16}},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", list(EMULATED_SECTIONS))
+def test_adapter_on_emulated_cuda_makes_no_host_round_trip(vllm_available, tmp_path, monkeypatch, dtype, method):
+    """The adapter's forward with every tensor vLLM hands it on (emulated) CUDA: the same outputs as on
+    CPU tensors, its methods' estimates and indexes built without one host read of a device value (the
+    emulator counts them) and without mixing devices; the Triton kernels run interpreted."""
+    from fastctx.kernels import paged_triton, sparse_triton
+    from tests import kernel_impls
+    from tests.emulated_cuda import cpu_values, emulated_cuda, launch_on_cpu, to_cuda
+
+    for module, name in ((paged_triton, "_paged_kernel"), (sparse_triton, "_sparse_prefill_kernel"),
+                         (sparse_triton, "_last_query_sums_kernel")):
+        monkeypatch.setattr(module, name, launch_on_cpu(getattr(module, name), kernel_impls._interpreted))
+    section = EMULATED_SECTIONS[method](tmp_path)
+    g = torch.Generator().manual_seed(4)
+    query_lens, seq_lens = [1, 1, 70, 96], [45, 12, 130, 96]
+    kv_cache, query, common = step(dtype, query_lens, seq_lens, g)
+    layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
+
+    impl, runtime = adapter_impl(section)
+    on_cpu = torch.zeros(query.shape[0], HEADS * DIM, dtype=dtype)
+    impl.forward(layer, query, None, None, kv_cache, flash_metadata(common), on_cpu)
+
+    impl, runtime = adapter_impl(section)
+    device = common.replace(**{name: to_cuda(getattr(common, name)) for name in (
+        "query_start_loc", "seq_lens", "block_table_tensor", "slot_mapping")})
+    meta = flash_metadata(device)
+    output = to_cuda(torch.zeros_like(on_cpu))
+    with emulated_cuda() as mode:
+        impl.forward(layer, to_cuda(query), None, None, to_cuda(kv_cache), meta, output)
+    assert not mode.round_trips, "\n".join(mode.round_trips)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    torch.testing.assert_close(cpu_values(output), on_cpu, atol=tol, rtol=tol)
+    assert runtime.density()

@@ -46,10 +46,11 @@ def _scores_last_queries(q, k, prefix, last_q, scale, kv_head_of=None):
     heads, q_len, dim = q.shape
     n = min(last_q, q_len)
     scale = dim ** -0.5 if scale is None else scale
-    pos = prefix + q_len - n + torch.arange(n)
+    pos = prefix + q_len - n + torch.arange(n, device=q.device)
     k_per_head = k.float()[_kv_head_of(heads, k.shape[0], kv_head_of)]
     scores = torch.bmm(q[:, -n:].float() * scale, k_per_head.transpose(1, 2))
-    scores = scores.masked_fill(torch.arange(k.shape[1])[None, None] > pos[None, :, None], float("-inf"))
+    keys = torch.arange(k.shape[1], device=q.device)
+    scores = scores.masked_fill(keys[None, None] > pos[None, :, None], float("-inf"))
     return torch.softmax(scores, -1), pos
 
 
@@ -81,7 +82,8 @@ def reference_last_query_sums(q, k, prefix: int, last_q: int, scale: float | Non
 def last_query_sums(q, k: torch.Tensor | SeqKV, prefix: int, last_q: int, scale: float | None = None,
                     kv_head_of: torch.Tensor | None = None):
     """``reference_last_query_sums`` without the ``[H, last_q, Tk]`` probabilities: fused in C++ on
-    CPU (reading a paged cache in place), in Triton on CUDA (power-of-two head_dim, contiguous keys).
+    CPU (reading a paged cache in place), in Triton on CUDA (power-of-two head_dim; a paged cache's keys
+    gathered first).
     ``kv_head_of[h]`` is query head h's KV head (default: GQA groups in order)."""
     seq = as_seq(k)
     check_chunk_keys(q, seq, prefix, kv_head_of)
@@ -93,11 +95,14 @@ def last_query_sums(q, k: torch.Tensor | SeqKV, prefix: int, last_q: int, scale:
         heads_map = _kv_head_of(q.shape[0], seq.kv_heads, kv_head_of).to(torch.int32)
         return cpu_ops().last_query_sums(q[:, -n:].float().contiguous(), seq.kv.key,
                                          seq.table_row.to(torch.int32).contiguous(), seq.length, heads_map, scale)
-    if q.is_cuda and kv_head_of is None and seq.is_contiguous_block():
+    if q.is_cuda:
         from fastctx.kernels.sparse_triton import last_query_sums_triton, triton_head_dim
 
         if triton_head_dim(q.shape[-1]):
-            return last_query_sums_triton(q, seq.keys(), prefix, last_q, scale)
+            keys = seq.keys()  # a paged cache's keys gathered: far less than the reference's probabilities
+            if kv_head_of is not None:
+                keys = keys[kv_head_of.long()]  # one KV head per query head: a group of one
+            return last_query_sums_triton(q, keys, prefix, last_q, scale)
     return reference_last_query_sums(q, seq, prefix, last_q, scale, kv_head_of)
 
 

@@ -124,11 +124,11 @@ def select_pages(scores: torch.Tensor, logical: int, page_size: int, budget_page
     per = page_size // logical
     pages = -(-logical_pages // per)
     if pages <= budget_pages:
-        return torch.arange(pages).expand(heads, -1)
+        return torch.arange(pages, device=scores.device).expand(heads, -1)
     padded = torch.nn.functional.pad(scores, (0, pages * per - logical_pages), value=float("-inf"))
     physical = padded.view(heads, pages, per).amax(-1)
     top = physical[:, :-1].topk(budget_pages - 1, -1).indices
-    newest = torch.full((heads, 1), pages - 1, dtype=top.dtype)
+    newest = torch.full((heads, 1), pages - 1, dtype=top.dtype, device=top.device)
     return torch.cat([top, newest], 1).sort(-1).values
 
 
@@ -137,11 +137,12 @@ def page_ranges(page_ids: torch.Tensor, page_size: int, length: int) -> torch.Te
     into one range; unused slots empty and last."""
     heads, k = page_ids.shape
     ids = page_ids.long()
-    new_run = torch.ones(heads, k, dtype=torch.bool)
+    new_run = torch.ones(heads, k, dtype=torch.bool, device=ids.device)
     new_run[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
     run = new_run.long().cumsum(1) - 1  # run number of each page
-    runs = int(run[:, -1].max()) + 1
-    empty = torch.full((heads, runs), _EMPTY, dtype=torch.long)  # runs a head does not have stay empty
+    # At most one run per page: exact where reading the count back is free.
+    runs = int(run[:, -1].max()) + 1 if ids.device.type == "cpu" else k
+    empty = torch.full((heads, runs), _EMPTY, dtype=torch.long, device=ids.device)  # runs a head lacks stay empty
     start = empty.scatter_reduce(1, run, ids * page_size, "amin", include_self=False)
     end = empty.scatter_reduce(1, run, torch.clamp((ids + 1) * page_size, max=length), "amax", include_self=False)
     return torch.stack([start, end], -1).int()
@@ -161,9 +162,10 @@ def reference_decode_ranges(pages: torch.Tensor, streaming_kv: torch.Tensor, gro
                             local_start: int) -> torch.Tensor:
     dense = page_ranges(pages, page_size, OPEN_END)
     slots = max(dense.shape[1], 2)
-    ranges = torch.full((len(streaming_kv), slots, 2), _EMPTY, dtype=torch.int32)
+    ranges = torch.full((len(streaming_kv), slots, 2), _EMPTY, dtype=torch.int32, device=pages.device)
     ranges[~streaming_kv, :dense.shape[1]] = dense
-    ranges[streaming_kv, :2] = torch.tensor([[0, min(sink, local_start)], [local_start, OPEN_END]], dtype=torch.int32)
+    ranges[streaming_kv, :2] = torch.tensor([[0, min(sink, local_start)], [local_start, OPEN_END]], dtype=torch.int32,
+                                            device=pages.device)
     return ranges.repeat_interleave(group, 0)
 
 
@@ -175,5 +177,5 @@ def decode_index(ranges: torch.Tensor, seq_len: int) -> SparseIndex:
     queries at the end of ``seq_len`` keys. Ranges may end past the context: the index stays valid
     while the request grows."""
     heads = ranges.shape[0]
-    return SparseIndex(ranges[:, None], torch.full((heads, 1, 1), -1, dtype=torch.int32), 1,
+    return SparseIndex(ranges[:, None], torch.full((heads, 1, 1), -1, dtype=torch.int32, device=ranges.device), 1,
                        prefix=seq_len - 1, block_q=DECODE_BLOCK_Q)

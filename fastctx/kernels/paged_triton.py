@@ -134,6 +134,8 @@ def paged_attention_triton(query: torch.Tensor, kv: PagedKV, block_table: torch.
         elif read.kind == "index":
             mode, bm = INDEX, read.index.block_q
             index = read.index
+            if q_len <= bm:  # one index block (a decode's, say): a tile sized to the queries, not the block
+                bm = max(16, triton.next_power_of_2(q_len))
             ranges = index.ranges[:, read.block0:].to(device=query.device, dtype=torch.int32).contiguous()
             cols = index.cols[:, read.block0:].to(device=query.device, dtype=torch.int32).contiguous()
             n_ranges, n_cols, index_block = ranges.shape[2], cols.shape[2], ranges.shape[1]

@@ -185,13 +185,29 @@ def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int =
     return SparseIndex(ranges, _no_cols(heads, len(first)), q_len, prefix, block_q, positions)
 
 
-def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int) -> torch.Tensor:
+# Off the CPU, the slash ranges' width is a bound known on the host while that index stays under this many
+# slots; past it the exact width is read back from the device (one scalar per layer) to save the memory.
+SLASH_SLOTS_WITHOUT_READ = 1 << 23
+
+
+def _slash_groups(group: torch.Tensor, keys: int, rows: int, blocks: int) -> int:
+    """How many merged diagonal groups to make room for: exact on the CPU; on an accelerator a bound
+    (merged groups lie more than ``rows`` offsets apart among ``keys`` offsets) unless it is too large."""
+    heads, slashes = group.shape
+    bound = min(slashes, 1 + (keys - 1) // (rows + 1))
+    if group.device.type != "cpu" and heads * blocks * bound <= SLASH_SLOTS_WITHOUT_READ:
+        return bound
+    return int(group[:, -1].max()) + 1
+
+
+def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
     """``[H, R, G, 2]`` ranges of blocks of ``rows`` rows (``first``/``last`` ``[R]``) from diagonal
-    ``offsets`` ``[H, NS]`` sorted descending: diagonals whose key intervals touch merge into one."""
+    ``offsets`` ``[H, NS]`` (of ``keys`` keys) sorted descending: diagonals whose key intervals touch
+    merge into one."""
     heads, on = offsets.shape[0], {"device": offsets.device, "dtype": torch.long}
     gap = (offsets[:, :-1] - offsets[:, 1:]) > rows
     group = torch.cat([torch.zeros(heads, 1, **on), gap.long().cumsum(1)], 1)
-    groups = int(group[:, -1].max()) + 1
+    groups = _slash_groups(group, keys, rows, len(first))
     smax = torch.full((heads, groups), -1, **on).scatter_reduce(1, group, offsets, "amax")
     smin = torch.full((heads, groups), 1 << 40, **on).scatter_reduce(1, group, offsets, "amin")
     start = (first[None, :, None] - smax[:, None]).clamp(min=0)  # [H, R, G]
@@ -218,14 +234,14 @@ def vertical_slash_index(vertical: torch.Tensor, slash: torch.Tensor, q_len: int
     if slash.shape[0] != heads:
         raise ValueError(f"vertical and slash must have the same heads, got {vertical.shape} and {slash.shape}")
     first, last = _block_rows(q_len, prefix, block_q, None)
-    block_sizes = (last - first + 1).unique().tolist()  # on the host: no device round trip
-    first, last = first.to(device), last.to(device)
-    sizes = last - first + 1
+    sizes = last - first + 1  # on the host, as the blocks' selections below: no device round trip
     offsets = slash.long().clamp(min=0).sort(1, descending=True).values  # repeats merge as touching
     parts = []
-    for rows in block_sizes:  # full blocks, then a shorter last block
-        sel = sizes == rows
-        parts.append((sel, _slash_ranges(offsets, first[sel], last[sel], rows)))
+    for rows in sizes.unique().tolist():  # full blocks, then a shorter last block
+        sel = (sizes == rows).nonzero().flatten()
+        parts.append((sel.to(device), _slash_ranges(offsets, first[sel].to(device), last[sel].to(device), rows,
+                                                    prefix + q_len)))
+    first, last = first.to(device), last.to(device)
     ranges = torch.full((heads, len(first), max(r.shape[2] for _, r in parts), 2), _EMPTY, dtype=torch.long,
                         device=device)
     for sel, r in parts:
@@ -368,20 +384,21 @@ def block_mask_index(block_mask: torch.Tensor, block_k: int, q_len: int, prefix:
     if blocks != -(-q_len // block_q):
         raise ValueError(f"block_mask has {blocks} query blocks, expected ceil({q_len}/{block_q})")
     m = block_mask.bool()
-    pad = torch.zeros(heads, blocks, 1, dtype=torch.bool)
-    before = torch.cat([pad, m[..., :-1]], -1)
-    after = torch.cat([m[..., 1:], pad], -1)
-    run_start = m & ~before
-    run_end = m & ~after
+    device = m.device
+    pad = torch.zeros(heads, blocks, 1, dtype=torch.bool, device=device)
+    run_start = m & ~torch.cat([pad, m[..., :-1]], -1)
+    run_end = m & ~torch.cat([m[..., 1:], pad], -1)
     slot = torch.cumsum(run_start.long(), -1) - 1  # run number of each block
-    width = max(1, int(run_start.sum(-1).max()))
-    ranges = torch.full((heads, blocks, width, 2), _EMPTY, dtype=torch.long)
-    kb = torch.arange(nkb).expand(heads, blocks, -1)
-    h, r, b = torch.nonzero(run_start, as_tuple=True)
-    ranges[h, r, slot[h, r, b], 0] = kb[h, r, b] * block_k
-    h, r, b = torch.nonzero(run_end, as_tuple=True)
-    ranges[h, r, slot[h, r, b], 1] = (kb[h, r, b] + 1) * block_k
-    return SparseIndex(ranges.int(), _no_cols(heads, blocks), q_len, prefix, block_q)
+    # Runs are separated by unread blocks, so at most ceil(NKB / 2); exact where reading it back is free.
+    width = max(1, int(slot[..., -1].max()) + 1) if device.type == "cpu" else -(-nkb // 2)
+    kb = torch.arange(nkb, device=device).expand(heads, blocks, -1)
+    ranges = []
+    for edge, value in ((run_start, kb * block_k), (run_end, (kb + 1) * block_k)):
+        # Blocks that are not this edge of a run write to a spare last slot, dropped after.
+        at = torch.where(edge, slot, width)
+        ranges.append(torch.full((heads, blocks, width + 1), _EMPTY, dtype=torch.long, device=device)
+                      .scatter_(2, at, torch.where(edge, value, _EMPTY))[..., :width])
+    return SparseIndex(torch.stack(ranges, -1).int(), _no_cols(heads, blocks).to(device), q_len, prefix, block_q)
 
 
 def concat_heads(indexes: list[SparseIndex]) -> SparseIndex:

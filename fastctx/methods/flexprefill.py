@@ -99,13 +99,14 @@ def block_mask(q, k: torch.Tensor | SeqKV, params: FlexPrefillParams = FlexPrefi
     estimate = torch.softmax(torch.einsum("hd,hbd->hb", q_last, k_pooled) * scale, -1)
     query_aware = sqrt_js_divergence(estimate, vertical_b) < params.tau
 
-    first = prefix + torch.arange(nqb) * b  # chunk query blocks
+    device = q.device
+    first = prefix + torch.arange(nqb, device=device) * b  # chunk query blocks
     last = torch.clamp(first + b - 1, max=prefix + q_len - 1)
     diag = last // b  # the key block holding each query block's last query
-    kb = torch.arange(nkb)
+    kb = torch.arange(nkb, device=device)
     visible = kb[None] <= diag[:, None]  # [R, NKB]
 
-    mask = torch.zeros(heads, nqb, nkb, dtype=torch.bool)
+    mask = torch.zeros(heads, nqb, nkb, dtype=torch.bool, device=device)
     vertical_b[:, 0] = float("inf")
     slash_b[:, 0] = float("inf")
     rank_v = vertical_b.argsort(-1, descending=True).argsort(-1)  # rank of each key block
@@ -120,8 +121,10 @@ def block_mask(q, k: torch.Tensor | SeqKV, params: FlexPrefillParams = FlexPrefi
     # The key block of each query block's first query too, when a block straddles two.
     mask[:, torch.arange(nqb), first // b] = True
 
-    if query_aware.any():
-        qa = query_aware.nonzero().flatten()
+    # Query-aware heads' blocks: on the CPU for those heads only; on an accelerator for every head, kept
+    # where query-aware (finding those heads would read device values on the host).
+    qa = query_aware.nonzero().flatten() if device.type == "cpu" else torch.arange(heads, device=device)
+    if len(qa):
         q_pooled = pool_blocks(q[qa].float(), b, "mean")  # [Hq, R, D]
         pooled = torch.einsum("hrd,hbd->hrb", q_pooled, k_pooled[qa]) * scale
         pooled = torch.softmax(pooled.masked_fill(~visible[None], float("-inf")), -1)  # rows sum to 1
@@ -131,7 +134,7 @@ def block_mask(q, k: torch.Tensor | SeqKV, params: FlexPrefillParams = FlexPrefi
         keep_sorted = cum <= params.gamma * nqb
         keep_sorted[:, 0] = True
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, keep_sorted)
-        mask[qa] |= keep.view(len(qa), nqb, nkb)
+        mask[qa] |= keep.view(len(qa), nqb, nkb) & query_aware[qa, None, None]
     return mask & visible[None], query_aware
 
 

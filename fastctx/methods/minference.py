@@ -101,8 +101,8 @@ def vertical_slash(q, k: torch.Tensor | SeqKV, v_size, s_size, *, prefix: int = 
     s_idx = slash.topk(int(s_size.max()), -1).indices
     # Heads with smaller budgets repeat their first pick (column 0 / the main
     # diagonal, both always kept) in the unused slots.
-    v_idx = torch.where(torch.arange(v_idx.shape[1]) < v_size[:, None], v_idx, 0)
-    s_idx = torch.where(torch.arange(s_idx.shape[1]) < s_size[:, None], s_idx, 0)
+    v_idx = torch.where((torch.arange(v_idx.shape[1]) < v_size[:, None]).to(v_idx.device), v_idx, 0)
+    s_idx = torch.where((torch.arange(s_idx.shape[1]) < s_size[:, None]).to(s_idx.device), s_idx, 0)
     return v_idx, s_idx
 
 
