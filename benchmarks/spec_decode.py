@@ -9,8 +9,10 @@ engine. Last, an engine runs vLLM's own per-batch-size schedule (``num_speculati
 over the same draft, tuned offline the way vLLM's docs describe: per batch size the fastest
 single-chain depth measured before, 0 included.
 Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
-request a different passage; the prompts are prefilled once before timing (prefix cache), so the
-timed runs are decode. ``accept_len`` is tokens per verification: accepted drafts plus the
+request a different passage; every batch size runs the same ``--prompts`` (default: the largest
+batch size), in batches of its size, so accepted lengths at different batch sizes differ by
+sampling only. The prompts are prefilled once before timing (prefix cache), so the timed runs are
+decode. ``accept_len`` is tokens per verification: accepted drafts plus the
 residual or bonus token (fastctx's counts; vLLM's metrics for its n-gram). One chain is verified in
 vLLM's own pass (``tokens_per_engine_step`` = ``accept_len``); k >= 2 chains are verified in a pass
 of fastctx's and vLLM then adds one token more (``accept_len + 1`` for two target passes).
@@ -70,12 +72,14 @@ def parse_args():
     ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     ap.add_argument("--quick", action="store_true",
                     help="vllm: batches 1,4, 64 new tokens; hf: 3 prompts of 1024 tokens, 48 new tokens")
-    ap.add_argument("--batches", default="1,4", help="vllm: batch sizes, each a batch of different prompts")
+    ap.add_argument("--batches", default="1,4",
+                    help="vllm: batch sizes; each runs the same prompts in batches of its size")
     ap.add_argument("--model", default=None, help="target (default: fastctx's default model)")
     ap.add_argument("--draft", default="stream", help="stream | ngram | layers:N | model:DIR")
     ap.add_argument("--sink", type=int, default=4, help="stream draft: first tokens kept")
     ap.add_argument("--window", type=int, default=64, help="stream draft: last tokens kept")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="hf: prompts (default 4); vllm: prompts every batch size runs (default: the largest batch)")
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=1,
@@ -91,6 +95,10 @@ def parse_args():
         args.prompts, args.context, args.new_tokens = 3, 1024, 48
     elif args.quick:
         args.batches, args.context, args.new_tokens = "1,4", 512, 64
+    if args.engine == "hf" and args.prompts is None:
+        args.prompts = 4
+    if args.prompts is not None and args.prompts < 1:
+        ap.error(f"--prompts {args.prompts}: give at least 1")
     return args
 
 
@@ -189,7 +197,7 @@ def run_vllm(args) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     batches = [int(x) for x in args.batches.split(",")]
     depths = sorted({int(x) for x in args.fixed_depths.split(",")} | {args.depth})
-    prompts = copy_prompts(tok, max(batches), args.context)
+    prompts = copy_prompts(tok, args.prompts or max(batches), args.context)
     base = dict(model=model_dir, dtype=args.dtype, enforce_eager=True, max_model_len=args.context + 512, seed=0,
                 disable_log_stats=False,
                 worker_extension_cls="fastctx.vllm_plugin.worker.FastctxWorkerExtension")
@@ -222,13 +230,14 @@ def run_vllm(args) -> dict:
 
     def timed(b, name, engine, arm):
         """Time one run of ``name`` at batch size ``b``, adding it to ``results`` (summed over rounds)."""
-        batch = [{"prompt_token_ids": p} for p in prompts[:b]]
+        batches_of_b = [[{"prompt_token_ids": p} for p in prompts[i:i + b]] for i in range(0, len(prompts), b)]
         llm = engines[engine]
         if engine in SPECTR_ENGINES:
             llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
         before = spec_metrics(llm)
         t0 = time.perf_counter()
-        outs = llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)
+        outs = [o for batch in batches_of_b
+                for o in llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)]
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         run = {"tokens": tokens, "seconds": seconds, "verifications": 0, "verified_tokens": 0, "engine_steps": 0}
@@ -284,6 +293,7 @@ def run_vllm(args) -> dict:
     fixed = [n for n in runs if n.startswith(("fixed_", "spectr_")) and n != "fixed_d0"]
     best = {b: max(fixed, key=lambda n: tps(n, b)) for b in batches}
     b1 = batches[0]
+    k4_vs_sd = {b: results["spectr_k4"][b]["accept_len"] / results[sd][b]["accept_len"] for b in batches}
     head = " ".join(f"{'b' + str(b) + ' acc':>8s} {'tok/s':>7s} {'x nospec':>8s}" for b in batches)
     print(f"\n{'method':12s} {head}")
     for name in runs:
@@ -305,7 +315,10 @@ def run_vllm(args) -> dict:
         "tokens_per_s_ratio_vllm_ngram_vs_nospec": tps("vllm_ngram", b1) / tps("nospec", b1),
         "best_fixed": best[b1],
         "tokens_per_s_ratio_scylla_vs_best_fixed": tps("scylla", b1) / tps(best[b1], b1),
+        "accept_len_ratio_spectr_k4_vs_sd_min": min(k4_vs_sd.values()),
+        "tokens_per_s_ratio_scylla_vs_best_fixed_min": min(tps("scylla", b) / tps(best[b], b) for b in batches),
         "per_batch": {b: {"best_fixed": best[b], "scylla_vs_best_fixed": tps("scylla", b) / tps(best[b], b),
+                          "accept_len_ratio_spectr_k4_vs_sd": k4_vs_sd[b],
                           "scylla_vs_nospec": tps("scylla", b) / tps("nospec", b),
                           "scylla_vs_vllm_table": tps("scylla", b) / tps("vllm_table", b),
                           **{n: results[n][b] for n in runs}} for b in batches},
