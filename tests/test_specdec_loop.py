@@ -198,3 +198,26 @@ def test_scylla_recovers_from_unlucky_first_drafts():
                 a += 1
             policy.observe(depth, k, 1, [a], 0.011 + 0.0015 * depth)
         assert sum(1 for depth, _ in runs[30:] if depth) >= 24, (seed, runs)
+
+
+def test_scylla_tries_again_an_arm_timed_while_the_host_was_busy():
+    """No speculation is the best arm at batch 4 here (a draft step costs half a plain step, drafts are
+    accepted 30% of the time), but its first three steps were timed at twice their cost. Arm times fade
+    with the policy's steps and are drawn around their means, so no speculation is timed again and wins
+    back most steps within 300 (when an arm's time was its plain running mean, it never ran again)."""
+    for seed in range(6):
+        policy = ScyllaPolicy(depths=(0, 1, 2, 3), seed=seed)
+        rng = random.Random(seed)
+        for _ in range(3):
+            policy.observe(0, 1, 4, [0] * 4, 0.080 * rng.uniform(0.9, 1.1))
+        runs = recorded(policy)
+        for _ in range(500):
+            depth, k = policy.choose(4)
+            accepted = []
+            for _ in range(4):
+                a = 0
+                while a < depth and rng.random() < 0.3:
+                    a += 1
+                accepted.append(a)
+            policy.observe(depth, k, 4, accepted, (0.040 + 0.020 * depth) * rng.uniform(0.9, 1.1))
+        assert sum(1 for depth, _ in runs[300:] if depth == 0) >= 160, (seed, runs[300:])

@@ -7,24 +7,29 @@ the depth t, so the law fitted here is
 
     P(token at depth t accepted | depth t - 1 accepted) = clip(th0 + th1 ln k + th2 ln b + th3 ln t)
 
-by ridge least squares over exponentially forgotten observations. A step's time is the running
-mean of the steps seen with the same (depth, chains, batch), and for a combination not seen yet the
-linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 * draft_tokens)``. A step with depth g
+by ridge least squares over exponentially forgotten observations. A step's time is the mean of the
+steps seen with the same (depth, chains, batch), forgotten with every step the policy takes (so an
+arm timed long ago, or on a host that has since sped up or slowed down, is known less well), and
+for a combination not seen yet the linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 *
+draft_tokens)``. A step with depth g
 and k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation;
 the policy picks the (g, k) with most tokens per second. Depth 0 (no speculation) is an arm too:
 where drafting costs more than it saves, the policy stops speculating.
 
 The laws, not trials, rank the arms: per batch size the policy first runs no speculation and the
 cheapest speculation (the smallest depth, one chain), then picks by Thompson sampling: each step it
-draws the acceptance law's coefficients from the fit's Gaussian posterior and runs the arm with
-most tokens per second under that draw, among the arms already timed at this batch size and the
+draws the acceptance law's coefficients from the fit's Gaussian posterior, and each timed arm's
+step time from its mean's (its spread and how much weight is left), and runs the arm with most
+tokens per second under that draw, among the arms already timed at this batch size and the
 neighbours of the fit's best arm (the next depth up or down, or twice or half the chains). A law
 seen on few steps (a new batch size, a few unlucky drafts) keeps trying the lengths it is unsure
 of; one seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps
 so far at that batch size) it runs a neighbour instead, so arms not timed yet get timed
 (``explore=0``: the fit's best arm, no sampling). An arm that would be slower than the best arm
-even if every draft were accepted is not tried. A deep, many-chain arm can cost dozens of plain
-steps, so trying every arm, or exploring uniformly, would cost more than the choice gains.
+even if every draft were accepted, and its step took two standard errors less than its mean, is not
+tried; a timing that was unlucky (the host busy) is tried again once its weight has faded. A deep,
+many-chain arm can cost dozens of plain steps, so trying every arm, or exploring uniformly, would
+cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -72,6 +77,35 @@ class OnlineLeastSquares:
 
 MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
 ACCEPT_VARIANCE = 0.25  # a 0/1 acceptance's variance at most: the posterior Thompson sampling draws from
+TIME_NOISE = 0.25  # a step time's relative spread beyond what was seen (this host's runs differ by up to 25%)
+TIME_FLOOR = 0.5  # a draw of a step time stays above this share of its mean (no timing is off by more than 2x)
+
+
+@dataclass
+class ArmTimes:
+    """One arm's step times: weighted sums forgotten by ``decay`` per policy step (``at`` is the step of
+    the last update), so ``weight`` counts recent steps."""
+
+    weight: float = 0.0
+    total: float = 0.0
+    squares: float = 0.0
+    at: int = 0
+
+    def faded(self, now: int, decay: float) -> tuple[float, float, float]:
+        f = decay ** (now - self.at)
+        return self.weight * f, self.total * f, self.squares * f
+
+    def add(self, seconds: float, now: int, decay: float) -> None:
+        self.weight, self.total, self.squares = self.faded(now, decay)
+        self.weight, self.total, self.squares = self.weight + 1, self.total + seconds, self.squares + seconds ** 2
+        self.at = now
+
+    def mean_and_error(self, now: int, decay: float) -> tuple[float, float]:
+        """The mean step time and its standard error."""
+        weight, total, squares = self.faded(now, decay)
+        mean = total / weight
+        variance = max(squares / weight - mean ** 2, 0.0) + (TIME_NOISE * mean) ** 2
+        return mean, math.sqrt(variance / weight)
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
@@ -107,8 +141,9 @@ class ScyllaPolicy:
         self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
         self._law_rng = np.random.default_rng(self.seed)
-        self._steps: dict[tuple[int, int, int], list[float]] = {}  # (depth, k, batch) -> [weight, seconds]
+        self._steps: dict[tuple[int, int, int], ArmTimes] = {}  # (depth, k, batch) -> its step times
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
+        self._now = 0  # steps observed, the clock arm times fade by
 
     def accept_rate(self, k: int, batch: int, depth: int, law: np.ndarray | None = None) -> float:
         law = self.acceptance.coef() if law is None else law
@@ -124,10 +159,16 @@ class ScyllaPolicy:
             total += alive
         return total
 
-    def expected_seconds(self, depth: int, k: int, batch: int) -> float | None:
+    def expected_seconds(self, depth: int, k: int, batch: int, draw: float | None = None) -> float | None:
+        """An arm's step time: its timings' mean, or ``draw`` standard errors from it (a number: that many;
+        ``math.nan``: a random draw); from the cost fit where it has none; None where it cannot tell."""
         seen = self._steps.get((depth, k, batch))
         if seen is not None:
-            return seen[1] / seen[0]
+            mean, error = seen.mean_and_error(self._now, self.decay)
+            if draw is None:
+                return mean
+            spread = self._law_rng.standard_normal() if math.isnan(draw) else draw
+            return max(mean + spread * error, TIME_FLOOR * mean)
         if self.cost.seen < 8:
             return None
         return float(np.dot(self.cost.coef(), self._cost_row(depth, k, batch)))
@@ -148,8 +189,8 @@ class ScyllaPolicy:
             if (probe[0], probe[1], batch) not in self._steps:
                 return probe
 
-        def rate(arm, accept=None, law=None):
-            seconds = self.expected_seconds(arm[0], arm[1], batch)
+        def rate(arm, accept=None, law=None, draw=None):
+            seconds = self.expected_seconds(arm[0], arm[1], batch, draw)
             if seconds is None:  # neither seen nor predictable yet
                 return -math.inf
             return self.expected_tokens(arm[0], arm[1], batch, accept, law) * batch / max(seconds, 1e-9)
@@ -158,19 +199,23 @@ class ScyllaPolicy:
         if not self.explore:
             return best
         bar = rate(best)
+
+        def could_win(arm):  # every draft accepted, the step two standard errors quicker than its mean
+            return rate(arm, MAX_ACCEPT, draw=-2.0) > bar
+
         depth_at = depths.index(best[0])
         near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - depth_at) == 1 and a[1] in (best[1], 1))
                                                   or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
-        # An arm too slow to win even if every draft were accepted is not worth a try.
-        near = [a for a in near if rate(a, MAX_ACCEPT) > bar or self.expected_seconds(a[0], a[1], batch) is None]
+        near = [a for a in near if could_win(a) or self.expected_seconds(a[0], a[1], batch) is None]
         if self._rng.random() < self.explore / (1 + n / 20) and near:
             return self._rng.choice(near)
         # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
-        # law drawn from the fit's posterior, so a law seen on few steps (a short request, a new batch
-        # size) keeps trying the lengths it is unsure of, and one seen on many settles.
-        timed = [a for a in arms if (a[0], a[1], batch) in self._steps and (a == best or rate(a, MAX_ACCEPT) > bar)]
+        # law drawn from the fit's posterior and step times drawn around their means, so what was seen on
+        # few or long-past steps (a short request, a new batch size, a busy moment) is tried again, and
+        # what was seen on many settles.
+        timed = [a for a in arms if (a[0], a[1], batch) in self._steps and (a == best or could_win(a))]
         law = self.acceptance.sample(self._law_rng, ACCEPT_VARIANCE)
-        return max(dict.fromkeys([best, *timed, *near]), key=lambda a: rate(a, law=law))
+        return max(dict.fromkeys([best, *timed, *near]), key=lambda a: rate(a, law=law, draw=math.nan))
 
     def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
         """One step: how many draft tokens each request accepted, and the step's wall time."""
@@ -182,9 +227,8 @@ class ScyllaPolicy:
         if rows:
             self.acceptance.add(np.array(rows), np.array(ys))
         self.cost.add(np.array([self._cost_row(depth, k, batch)]), np.array([seconds]))
-        seen = self._steps.setdefault((depth, k, batch), [0.0, 0.0])
-        seen[0] = seen[0] * self.decay + 1
-        seen[1] = seen[1] * self.decay + seconds
+        self._now += 1
+        self._steps.setdefault((depth, k, batch), ArmTimes()).add(seconds, self._now, self.decay)
 
     def law(self) -> dict:
         th = self.acceptance.coef()
