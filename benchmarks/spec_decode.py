@@ -204,12 +204,11 @@ def run_vllm(args) -> dict:
     spectr = {"method": "custom_class", "model": SPECTR, "num_speculative_tokens": max(depths) + 1}
     engines = {
         "stock": LLM(**base),
+        "vllm_ngram": LLM(**base, speculative_config={"method": "ngram", "num_speculative_tokens": args.depth,
+                                                      "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
         "fastctx": LLM(**base, speculative_config=spectr, additional_config={"fastctx_spectr": {"chains": 4}}),
         "scylla": LLM(**base, speculative_config=spectr,
                       additional_config={"fastctx_spectr": {"chains": 4, "scylla": True}}),
-        # Made last: each engine replaces the process's Prometheus counters, which its metrics are read from.
-        "vllm_ngram": LLM(**base, speculative_config={"method": "ngram", "num_speculative_tokens": args.depth,
-                                                      "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
     }
     # (engine, per-request arm): one fastctx engine serves every fixed arm, so they share everything else.
     runs = {"nospec": ("stock", None), "vllm_ngram": ("vllm_ngram", None)}
