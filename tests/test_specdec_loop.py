@@ -221,3 +221,13 @@ def test_scylla_tries_again_an_arm_timed_while_the_host_was_busy():
                 accepted.append(a)
             policy.observe(depth, k, 4, accepted, (0.040 + 0.020 * depth) * rng.uniform(0.9, 1.1))
         assert sum(1 for depth, _ in runs[300:] if depth == 0) >= 160, (seed, runs[300:])
+
+
+def test_scylla_arm_times_survive_a_long_absence():
+    """A server's batch size not seen for 200K steps: its arms' weights fade below floats, not to an error."""
+    policy = ScyllaPolicy(depths=(0, 1), seed=0)
+    policy.observe(0, 1, 2, [0, 0], 0.05)
+    policy.observe(1, 1, 2, [1, 0], 0.07)
+    policy._now += 200_000  # steps at other batch sizes
+    assert policy.expected_seconds(0, 1, 2) == pytest.approx(0.05)
+    assert policy.choose(2) in {(0, 1), (1, 1)}

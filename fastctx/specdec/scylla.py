@@ -102,10 +102,10 @@ class ArmTimes:
 
     def mean_and_error(self, now: int, decay: float) -> tuple[float, float]:
         """The mean step time and its standard error."""
-        weight, total, squares = self.faded(now, decay)
-        mean = total / weight
-        variance = max(squares / weight - mean ** 2, 0.0) + (TIME_NOISE * mean) ** 2
-        return mean, math.sqrt(variance / weight)
+        mean = self.total / self.weight  # fading scales all three sums alike
+        variance = max(self.squares / self.weight - mean ** 2, 0.0) + (TIME_NOISE * mean) ** 2
+        # A server's arm left alone for ~150K steps fades below floats: its error is then unbounded.
+        return mean, math.sqrt(variance / max(self.faded(now, decay)[0], 1e-12))
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
