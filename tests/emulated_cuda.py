@@ -14,7 +14,6 @@ and timing. It sees every host read of a device value that goes through a tensor
 
 from __future__ import annotations
 
-import contextlib
 import traceback
 
 import torch
@@ -102,18 +101,19 @@ class OnCuda(torch.Tensor):
         return _wrap(self.cpu_values[_plain_index(index)])
 
     def __setitem__(self, index, value):
-        self.cpu_values[_plain_index(index)] = _values(value)
+        self.cpu_values[_plain_index(index)] = cpu_values(value)
 
 
 def _plain_index(index):
     parts = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, OnCuda) and i.dtype == torch.bool for i in parts):
         _ACTIVE[-1].record("indexing with a device boolean mask sizes its output by device values")
-    plain = tuple(_values(i) for i in parts)
+    plain = tuple(cpu_values(i) for i in parts)
     return plain if isinstance(index, tuple) else plain[0]
 
 
-def _values(x):
+def cpu_values(x):
+    """An emulated CUDA tensor's values (anything else as it is)."""
     return x.cpu_values if isinstance(x, OnCuda) else x
 
 
@@ -194,10 +194,6 @@ def to_cuda(x):
     return OnCuda(x)
 
 
-def cpu_values(x):
-    return _values(x)
-
-
 class launch_on_cpu:
     """Stands in for a ``@triton.jit`` function (imported interpreted): ``kernel[grid](...)`` launches it
     on the arguments' CPU values under the interpreter, outside the mode."""
@@ -208,7 +204,7 @@ class launch_on_cpu:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             with _disable_current_modes(), self.interpreted():
-                return self.kernel[grid](*map(_values, args), **{k: _values(v) for k, v in kwargs.items()})
+                return self.kernel[grid](*map(cpu_values, args), **{k: cpu_values(v) for k, v in kwargs.items()})
 
         return launch
 
@@ -218,8 +214,4 @@ def outside_emulation():
     return _disable_current_modes()
 
 
-@contextlib.contextmanager
-def emulated_cuda():
-    mode = EmulatedCuda()
-    with mode:
-        yield mode
+emulated_cuda = EmulatedCuda  # ``with emulated_cuda() as mode``: the mode, its round trips in ``mode.round_trips``

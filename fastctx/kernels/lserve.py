@@ -19,7 +19,7 @@ import torch
 
 from fastctx.kernels._cpu_ext import cpu_ops
 from fastctx.kernels.paged import SeqKV
-from fastctx.kernels.sparse import _EMPTY, SparseIndex
+from fastctx.kernels.sparse import _EMPTY, SparseIndex, range_slots
 
 OPEN_END = _EMPTY - 1  # a range end past any context
 
@@ -140,8 +140,7 @@ def page_ranges(page_ids: torch.Tensor, page_size: int, length: int) -> torch.Te
     new_run = torch.ones(heads, k, dtype=torch.bool, device=ids.device)
     new_run[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
     run = new_run.long().cumsum(1) - 1  # run number of each page
-    # At most one run per page: exact where reading the count back is free.
-    runs = int(run[:, -1].max()) + 1 if ids.device.type == "cpu" else k
+    runs = range_slots(run[:, -1], k)  # at most one run per page
     empty = torch.full((heads, runs), _EMPTY, dtype=torch.long, device=ids.device)  # runs a head lacks stay empty
     start = empty.scatter_reduce(1, run, ids * page_size, "amin", include_self=False)
     end = empty.scatter_reduce(1, run, torch.clamp((ids + 1) * page_size, max=length), "amax", include_self=False)

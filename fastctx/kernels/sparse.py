@@ -190,14 +190,21 @@ def streaming_index(heads: int, q_len: int, sink: int, local: int, prefix: int =
 SLASH_SLOTS_WITHOUT_READ = 1 << 23
 
 
+def range_slots(last_slot: torch.Tensor, bound: int, read_back: bool = False) -> int:
+    """How many range slots an index needs, from each row's ``last_slot`` (0-based): counted exactly on
+    the CPU, where reading it is free and a narrower index is a faster kernel loop; elsewhere ``bound``
+    (known on the host, so no device round trip) unless ``read_back``."""
+    if last_slot.device.type == "cpu" or read_back:
+        return int(last_slot.max()) + 1
+    return bound
+
+
 def _slash_groups(group: torch.Tensor, keys: int, rows: int, blocks: int) -> int:
-    """How many merged diagonal groups to make room for: exact on the CPU; on an accelerator a bound
-    (merged groups lie more than ``rows`` offsets apart among ``keys`` offsets) unless it is too large."""
+    """How many merged diagonal groups to make room for: a bound off the CPU (merged groups lie more than
+    ``rows`` offsets apart among ``keys`` offsets) unless that index would be too large."""
     heads, slashes = group.shape
     bound = min(slashes, 1 + (keys - 1) // (rows + 1))
-    if group.device.type != "cpu" and heads * blocks * bound <= SLASH_SLOTS_WITHOUT_READ:
-        return bound
-    return int(group[:, -1].max()) + 1
+    return range_slots(group[:, -1], bound, read_back=heads * blocks * bound > SLASH_SLOTS_WITHOUT_READ)
 
 
 def _slash_ranges(offsets: torch.Tensor, first: torch.Tensor, last: torch.Tensor, rows: int, keys: int) -> torch.Tensor:
@@ -389,8 +396,7 @@ def block_mask_index(block_mask: torch.Tensor, block_k: int, q_len: int, prefix:
     run_start = m & ~torch.cat([pad, m[..., :-1]], -1)
     run_end = m & ~torch.cat([m[..., 1:], pad], -1)
     slot = torch.cumsum(run_start.long(), -1) - 1  # run number of each block
-    # Runs are separated by unread blocks, so at most ceil(NKB / 2); exact where reading it back is free.
-    width = max(1, int(slot[..., -1].max()) + 1) if device.type == "cpu" else -(-nkb // 2)
+    width = max(1, range_slots(slot[..., -1], -(-nkb // 2)))  # runs are apart: at most ceil(NKB / 2)
     kb = torch.arange(nkb, device=device).expand(heads, blocks, -1)
     ranges = []
     for edge, value in ((run_start, kb * block_k), (run_end, (kb + 1) * block_k)):

@@ -83,29 +83,25 @@ TIME_FLOOR = 0.5  # a draw of a step time stays above this share of its mean (no
 
 @dataclass
 class ArmTimes:
-    """One arm's step times: weighted sums forgotten by ``decay`` per policy step (``at`` is the step of
-    the last update), so ``weight`` counts recent steps."""
+    """One arm's step times: sums weighted by ``decay`` per policy step since each was seen (as of step
+    ``at``, the last update); the mean is their ratio, which fading leaves alone."""
 
     weight: float = 0.0
     total: float = 0.0
     squares: float = 0.0
     at: int = 0
 
-    def faded(self, now: int, decay: float) -> tuple[float, float, float]:
-        f = decay ** (now - self.at)
-        return self.weight * f, self.total * f, self.squares * f
-
     def add(self, seconds: float, now: int, decay: float) -> None:
-        self.weight, self.total, self.squares = self.faded(now, decay)
-        self.weight, self.total, self.squares = self.weight + 1, self.total + seconds, self.squares + seconds ** 2
-        self.at = now
+        fade = decay ** (now - self.at)
+        self.weight, self.total = self.weight * fade + 1, self.total * fade + seconds
+        self.squares, self.at = self.squares * fade + seconds ** 2, now
 
     def mean_and_error(self, now: int, decay: float) -> tuple[float, float]:
         """The mean step time and its standard error."""
-        mean = self.total / self.weight  # fading scales all three sums alike
+        mean = self.total / self.weight
         variance = max(self.squares / self.weight - mean ** 2, 0.0) + (TIME_NOISE * mean) ** 2
         # A server's arm left alone for ~150K steps fades below floats: its error is then unbounded.
-        return mean, math.sqrt(variance / max(self.faded(now, decay)[0], 1e-12))
+        return mean, math.sqrt(variance / max(self.weight * decay ** (now - self.at), 1e-12))
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
