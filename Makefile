@@ -57,17 +57,19 @@ redis:
 	  || { apt-get update -q && apt-get install -y -q redis-server; }; } >/dev/null; } \
 	  || { echo "redis-server is missing: sudo apt-get install redis-server"; exit 1; }
 
-# fastctx's C++ CPU kernels compile on first use (about a minute); do it here, once.
+# fastctx's C++ CPU kernels compile on first use (about a minute); do it here, once for each
+# environment (SGLang's has a torch of its own, so its servers load a build of their own).
 kernels: install
 	$(PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"
+	if test -x $(SGL_PY); then $(SGL_PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"; fi
 
 # Kernels, methods, config, eval units: no engine, no model download (~2 min once installed).
 test-fast: install kernels redis
-	$(PY) -m pytest -q -m "not engine and not model" tests
+	$(PY) -m pytest -q --durations=15 -m "not engine and not model" tests
 
 # Everything: the fast tests, then those that need the model and real vLLM engines.
 test: setup test-fast
-	$(PY) -m pytest -q -m "engine or model" tests
+	$(PY) -m pytest -q --durations=25 -m "engine or model" tests
 
 # pytest's wheels for benchmarks/gpu/check.sh on a GPU machine without network (carry .gpu-wheels).
 gpu-wheels: install

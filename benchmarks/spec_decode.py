@@ -173,14 +173,17 @@ def copy_prompts(tok, count: int, context: int) -> list[list[int]]:
 
 
 def spec_metrics(llm) -> tuple[int, int]:
-    """vLLM's cumulative (drafts, accepted draft tokens)."""
-    got = {m.name: m for m in llm.get_metrics()}
+    """This engine's cumulative (drafts, accepted draft tokens), read from its own Prometheus logger.
 
-    def value(name):
-        m = got.get(name)
-        return int(getattr(m, "value", 0) or 0) if m is not None else 0
-
-    return value("vllm:spec_decode_num_drafts"), value("vllm:spec_decode_num_accepted_tokens")
+    Not through ``LLM.get_metrics()``: that reads Prometheus's global registry, where every new
+    engine's logger unregisters the older engines' collectors, so in a process holding several
+    engines it reads the newest engine's counters (zero for the n-gram engine here)."""
+    for logger in llm.llm_engine.logger_manager.stat_loggers:
+        prom = getattr(logger, "spec_decoding_prom", None)
+        if prom is not None and prom.spec_decoding_enabled:
+            return (int(prom.counter_spec_decode_num_drafts[0]._value.get()),
+                    int(prom.counter_spec_decode_num_accepted_tokens[0]._value.get()))
+    raise RuntimeError("this engine has no spec-decoding Prometheus logger (disable_log_stats=False?)")
 
 
 def run_vllm(args) -> dict:

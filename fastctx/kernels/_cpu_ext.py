@@ -5,7 +5,10 @@ into ``$FASTCTX_HOME/torch_extensions``; later processes load it in
 milliseconds. ``make setup`` builds it ahead of time. The build directory is
 keyed by the torch version and by this CPU's instruction-set flags: hosts of one
 machine kind differ (AVX2-only, AVX-512, AVX512-BF16, AMX), and a build for one
-would crash with an illegal instruction on another that shares the home.
+would crash with an illegal instruction on another that shares the home. It is
+keyed by the torch installation too: a build names its torch's include and library
+paths, so vLLM's and SGLang's environments sharing one directory rebuilt it (~80 s)
+each time a process of the other environment loaded it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def _build_tag() -> str:
     import torch
 
     flags = hashlib.sha1(" ".join(cpu_flags()).encode()).hexdigest()[:10]
-    return f"torch{torch.__version__}-{platform.machine()}-cpu{flags}".replace("+", "_")
+    install = hashlib.sha1(os.path.dirname(torch.__file__).encode()).hexdigest()[:8]
+    return f"torch{torch.__version__}-{platform.machine()}-cpu{flags}-at{install}".replace("+", "_")
 
 
 @functools.lru_cache(maxsize=1)
