@@ -13,7 +13,8 @@ request a different passage; every batch size runs the same ``--prompts`` (defau
 batch size), in batches of its size, so accepted lengths at different batch sizes differ by
 sampling only. The prompts are prefilled once before timing (prefix cache), so the timed runs are
 decode. ``accept_len`` is tokens per verification: accepted drafts plus the
-residual or bonus token (fastctx's counts; vLLM's metrics for its n-gram). One chain is verified in
+residual or bonus token (fastctx's counts; for vLLM's n-gram its engine's own counters, over the steps
+where its prompt lookup drafted). One chain is verified in
 vLLM's own pass (``tokens_per_engine_step`` = ``accept_len``); k >= 2 chains are verified in a pass
 of fastctx's and vLLM then adds one token more (``accept_len + 1`` for two target passes).
 
@@ -237,7 +238,7 @@ def run_vllm(args) -> dict:
         llm = engines[engine]
         if engine in SPECTR_ENGINES:
             llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
-        before = spec_metrics(llm)
+        before = spec_metrics(llm) if engine == "vllm_ngram" else None
         t0 = time.perf_counter()
         outs = [o for batch in batches_of_b
                 for o in llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)]
