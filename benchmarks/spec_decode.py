@@ -4,10 +4,13 @@ Scylla's adaptive policy, with the same draft source, the same prompts and seeds
 ``--engine vllm`` (default): stock vLLM without speculation; vLLM's own n-gram speculation (its
 deterministic prompt lookup and verification: the yardstick a user has today); and fastctx's
 SpecTr proposer, whose n-gram draft distribution serves speculative sampling (1 chain), SpecTr
-(2 and 4 chains) and fixed lengths (0 included) as per-request arms of one engine, plus a Scylla
-engine. Last, an engine runs vLLM's own per-batch-size schedule (``num_speculative_tokens_per_batch_size``)
-over the same draft, tuned offline the way vLLM's docs describe: per batch size the fastest
-single-chain depth measured before, 0 included.
+(2 and 4 chains) and fixed lengths (0 included) as per-request arms of one engine, and in the same
+engine Scylla's policy for the requests that name no arm (so Scylla and the fixed arms differ in
+nothing else). Last, an engine runs vLLM's own per-batch-size
+schedule (``num_speculative_tokens_per_batch_size``) over the same draft, tuned offline the way
+vLLM's docs describe: per batch size the fastest single-chain depth measured before, 0 included;
+it also runs depth 0 as a per-request arm (``vllm_table_engine_d0``), so its engine's own speed
+shows beside the fastctx engine's ``fixed_d0``.
 Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
 request a different passage; every batch size runs the same ``--prompts`` (default: the largest
 batch size), in batches of its size, so accepted lengths at different batch sizes differ by
@@ -22,7 +25,7 @@ of fastctx's and vLLM then adds one token more (``accept_len + 1`` for two targe
 request at a time) with a model draft (``stream``, ``layers:N``, ``model:DIR``) or ``ngram``, on
 natural-text prompts.
 
-Methods take turns per batch size (vllm) or prompt (hf) so drifting load hits all alike. The last
+Methods take turns per batch of prompts (vllm) or prompt (hf) so drifting load hits all alike. The last
 line printed is one JSON object.
 
     python benchmarks/spec_decode.py --quick                      # vLLM, batch 1 and 4, 64 tokens
@@ -161,7 +164,7 @@ def run_hf(args) -> dict:
 
 
 SPECTR = "fastctx.vllm_plugin.spectr.SpecTrProposer"
-SPECTR_ENGINES = ("fastctx", "scylla", "vllm_table")  # the engines running fastctx's proposer
+SPECTR_ENGINES = ("fastctx", "vllm_table")  # the engines running fastctx's proposer
 
 
 def copy_prompts(tok, count: int, context: int) -> list[list[int]]:
@@ -210,15 +213,16 @@ def run_vllm(args) -> dict:
         "stock": LLM(**base),
         "vllm_ngram": LLM(**base, speculative_config={"method": "ngram", "num_speculative_tokens": args.depth,
                                                       "prompt_lookup_min": 2, "prompt_lookup_max": 4}),
-        "fastctx": LLM(**base, speculative_config=spectr, additional_config={"fastctx_spectr": {"chains": 4}}),
-        "scylla": LLM(**base, speculative_config=spectr,
-                      additional_config={"fastctx_spectr": {"chains": 4, "scylla": True}}),
+        # Scylla picks for the requests that name no arm; the fixed arms name theirs
+        "fastctx": LLM(**base, speculative_config=spectr,
+                       additional_config={"fastctx_spectr": {"chains": 4, "scylla": True}}),
     }
-    # (engine, per-request arm): one fastctx engine serves every fixed arm, so they share everything else.
+    # (engine, per-request arm): one fastctx engine serves every fixed arm and Scylla, so they share
+    # everything else.
     runs = {"nospec": ("stock", None), "vllm_ngram": ("vllm_ngram", None)}
     runs.update({f"fixed_d{d}": ("fastctx", {"depth": d, "chains": 1}) for d in [0, *depths]})
     runs.update({f"spectr_k{k}": ("fastctx", {"depth": args.depth, "chains": k}) for k in (2, 4)})
-    runs["scylla"] = ("scylla", None)
+    runs["scylla"] = ("fastctx", None)
     sd = f"fixed_d{args.depth}"
 
     def sampling(arm, n):
@@ -232,16 +236,16 @@ def run_vllm(args) -> dict:
         warm(llm)
     results: dict[str, dict] = {name: {} for name in runs}
 
-    def timed(b, name, engine, arm):
-        """Time one run of ``name`` at batch size ``b``, adding it to ``results`` (summed over rounds)."""
-        batches_of_b = [[{"prompt_token_ids": p} for p in prompts[i:i + b]] for i in range(0, len(prompts), b)]
+    def timed(b, name, engine, arm, batch):
+        """Time ``name`` on one ``batch`` of prompts (batch size ``b``), adding it to ``results`` (summed
+        over the batches and rounds)."""
         llm = engines[engine]
         if engine in SPECTR_ENGINES:
             llm.collective_rpc("fastctx_spectr_stats", args=("reset",))
         before = spec_metrics(llm) if engine == "vllm_ngram" else None
         t0 = time.perf_counter()
-        outs = [o for batch in batches_of_b
-                for o in llm.generate(batch, sampling(arm, args.new_tokens), use_tqdm=False)]
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], sampling(arm, args.new_tokens),
+                            use_tqdm=False)
         seconds = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         run = {"tokens": tokens, "seconds": seconds, "verifications": 0, "verified_tokens": 0, "engine_steps": 0}
@@ -263,13 +267,20 @@ def run_vllm(args) -> dict:
         total["accept_len"] = total["verified_tokens"] / total["verifications"] if total["verifications"] else 1.0
         if engine in SPECTR_ENGINES and total["verifications"]:
             total["tokens_per_engine_step"] = total["engine_steps"] / total["verifications"]
-        print(f"batch {b}: {name:11s} accept_len {run['verified_tokens'] / max(run['verifications'], 1) or 1:5.2f} "
-              f"tok/s {tokens / seconds:7.2f}", flush=True)
 
-    for _ in range(args.rounds):  # rounds interleave, so drifting load hits every method alike
+    def measure(b, names):
+        """Every method of ``names`` at batch size ``b``, taking turns batch by batch of prompts: this host's
+        speed drifts by up to ~25% over minutes, which would otherwise fall on whichever method ran then."""
+        for i in range(0, len(prompts), b):
+            for name in names:
+                timed(b, name, *runs[name], prompts[i:i + b])
+        for name in names:
+            r = results[name][b]
+            print(f"batch {b}: {name:11s} accept_len {r['accept_len']:5.2f} tok/s {r['tokens_per_s']:7.2f}", flush=True)
+
+    for _ in range(args.rounds):  # rounds interleave too
         for b in batches:
-            for name, (engine, arm) in runs.items():
-                timed(b, name, engine, arm)
+            measure(b, list(runs))
 
     def tps(name, b):
         return results[name][b]["tokens_per_s"]
@@ -286,11 +297,12 @@ def run_vllm(args) -> dict:
                                 additional_config={"fastctx_spectr": {"chains": 1}})
     warm(engines["vllm_table"])
     runs["vllm_table"] = ("vllm_table", None)
-    results["vllm_table"] = {}
+    runs["vllm_table_engine_d0"] = ("vllm_table", {"depth": 0, "chains": 1})
+    results["vllm_table"], results["vllm_table_engine_d0"] = {}, {}
     for _ in range(args.rounds):
         for b in batches:
-            timed(b, "vllm_table", "vllm_table", None)
-    law = engines["scylla"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
+            measure(b, ["vllm_table", "vllm_table_engine_d0"])
+    law = engines["fastctx"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
     for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
         llm.llm_engine.engine_core.shutdown()
 
@@ -325,6 +337,8 @@ def run_vllm(args) -> dict:
                           "accept_len_ratio_spectr_k4_vs_sd": k4_vs_sd[b],
                           "scylla_vs_nospec": tps("scylla", b) / tps("nospec", b),
                           "scylla_vs_vllm_table": tps("scylla", b) / tps("vllm_table", b),
+                          # the table's engine against the fastctx engine, both running depth 0
+                          "vllm_table_engine_vs_fastctx_engine_d0": tps("vllm_table_engine_d0", b) / tps("fixed_d0", b),
                           **{n: results[n][b] for n in runs}} for b in batches},
         "scylla_law": law,
         "vllm_table": schedule,

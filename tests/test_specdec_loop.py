@@ -231,3 +231,57 @@ def test_scylla_arm_times_survive_a_long_absence():
     policy._now += 200_000  # steps at other batch sizes
     assert policy.expected_seconds(0, 1, 2) == pytest.approx(0.05)
     assert policy.choose(2) in {(0, 1), (1, 1)}
+
+
+def draw_accepted(rng: random.Random, depth: int, batch: int, rates) -> list[int]:
+    """Drafts each of ``batch`` requests accepts at ``depth``, depth t accepted with ``rates[t - 1]``."""
+    accepted = []
+    for _ in range(batch):
+        a = 0
+        while a < depth and rng.random() < rates[a]:
+            a += 1
+        accepted.append(a)
+    return accepted
+
+
+def test_scylla_ranks_the_arms_it_has_run_by_what_they_yielded():
+    """A draft right twice in a row and then almost never: no log-linear law in depth fits it, and ranking
+    by the law alone ran the best length (2) in 79-126 of the last 200 steps. Each run arm's own tokens
+    per request outweigh the law once it has run for a while."""
+    rates = (0.9, 0.9, 0.05, 0.05, 0.05, 0.05)
+
+    def cost(depth):
+        return 0.010 + 0.004 * (depth + 1) + 0.003 * depth
+
+    def tokens_per_s(depth):
+        return sum(math.prod(rates[:t]) for t in range(depth + 1)) / cost(depth)
+
+    assert max(range(7), key=tokens_per_s) == 2
+    for seed in range(6):
+        policy = ScyllaPolicy(depths=tuple(range(7)), seed=seed)
+        runs = recorded(policy)
+        rng = random.Random(seed)
+        for _ in range(400):
+            depth, k = policy.choose(4)
+            policy.observe(depth, k, 4, draw_accepted(rng, depth, 4, rates), cost(depth) * rng.uniform(0.9, 1.1))
+        assert sum(1 for depth, _ in runs[200:] if depth == 2) >= 140, (seed, runs[200:])
+
+
+def test_scylla_learns_what_the_scoring_pass_of_many_chains_costs():
+    """Two or more chains take a scoring pass of their own (here 6x a plain step): after one such step
+    the cost fit predicts it for every chain count and batch size, so as the batch grows (and shrinks
+    at a server's tail) the policy does not try many chains again (it tried them 2-3 times)."""
+    def cost(depth, k, batch):
+        return 0.010 + 0.001 * batch * (depth * k + 1) + 0.002 * depth + (0.06 if k > 1 else 0)
+
+    for seed in range(5):
+        policy = ScyllaPolicy(depths=tuple(range(7)), chains=(1, 2, 4), seed=seed)
+        runs = recorded(policy)
+        rng = random.Random(seed)
+        for batch, steps in [(1, 300), (2, 200), (3, 30), (4, 30), (5, 30), (6, 30), (7, 30), (8, 30)]:
+            for _ in range(steps):
+                depth, k = policy.choose(batch)
+                accepted = draw_accepted(rng, depth, batch, [0.5 if k > 1 else 0.4] * depth)
+                policy.observe(depth, k, batch, accepted, cost(depth, k, batch) * rng.uniform(0.9, 1.1))
+        assert sum(1 for _, k in runs if k > 1) <= 1, (seed, runs)
+    assert policy.law()["step_seconds"]["two_or_more_chains"] == pytest.approx(0.06, rel=0.2)

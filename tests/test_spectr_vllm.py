@@ -126,11 +126,14 @@ def test_vllms_per_batch_size_schedule_sets_the_depth(vllm_available, model_dir,
         alone = stats(llm)
         generate(llm, prompts, 1.0, max_tokens=16)
         together = stats(llm)
+        generate(llm, prompts, 1.0, max_tokens=8, extra_args={"spectr": {"depth": 1}})
+        asked = stats(llm)
     finally:
         close(llm)
     assert set(alone["arms"]) == {"d2k2"} and alone["steps"] > 0
     assert set(together["arms"]) <= {"d0k2", "d2k2"} and together["arms"]["d0k2"] >= 3 * 12
     assert together["arms"].get("d2k2", 0) <= 4
+    assert set(asked["arms"]) == {"d1k2"}  # a request naming its depth runs it whatever the schedule says
 
 
 def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_available, model_dir, stock_llm, prompts):
@@ -138,10 +141,15 @@ def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_availab
     try:
         generate(llm, prompts, 1.0, max_tokens=40)
         s = stats(llm)
+        # A request naming its arm runs it; Scylla does not time those steps as its own.
+        generate(llm, prompts[:2], 1.0, max_tokens=12, extra_args={"spectr": {"depth": 2, "chains": 1}})
+        asked = stats(llm)
         # Whatever lengths it picks (no speculation included), greedy decoding gives the tokens of none.
         assert generate(llm, prompts, 0.0) == generate(stock_llm, prompts, 0.0)
     finally:
         close(llm)
+    assert set(asked["arms"]) == {"d2k1"}
+    assert asked["scylla_law"]["observations"] == s["scylla_law"]["observations"]
     # Per batch size Scylla probes no drafts (d0) and the cheapest drafts (d1k1), then runs what its laws
     # rank best or a neighbour of it: always arms of this engine (depth 0-2, 1-2 chains).
     assert {"d0k1", "d1k1"} <= set(s["arms"]) <= {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}

@@ -11,25 +11,30 @@ by ridge least squares over exponentially forgotten observations. A step's time 
 steps seen with the same (depth, chains, batch), forgotten with every step the policy takes (so an
 arm timed long ago, or on a host that has since sped up or slowed down, is known less well), and
 for a combination not seen yet the linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 *
-draft_tokens)``. A step with depth g
-and k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation;
-the policy picks the (g, k) with most tokens per second. Depth 0 (no speculation) is an arm too:
-where drafting costs more than it saves, the policy stops speculating.
+draft_tokens) + s * [k >= 2]`` (s: what two or more chains cost beyond their tokens; in vLLM a
+scoring pass of fastctx's before the engine's). A step with depth g and k
+chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation by the
+law; where the arm has run at this batch size, that prediction is averaged with the tokens its
+requests got, the law counting as ``PRIOR_REQUESTS`` of them, so an arm run often is ranked by
+what it yielded (the law, fitted over every arm, predicted the deep arms of an n-gram draft ~10-20%
+high on the default model) and one seen little by the law. The policy picks the (g, k) with most
+tokens per second. Depth 0 (no speculation) is an arm too: where drafting costs more than it saves,
+the policy stops speculating.
 
-The laws, not trials, rank the arms: per batch size the policy first runs no speculation and the
+No arm is run just to be tried: per batch size the policy first runs no speculation and the
 cheapest speculation (the smallest depth, one chain), then picks by Thompson sampling: each step it
-draws the acceptance law's coefficients from the fit's Gaussian posterior, and each timed arm's
-step time from its mean's (its spread and how much weight is left), and runs the arm with most
-tokens per second under that draw, among the arms already timed at this batch size and the
-neighbours of the fit's best arm (the next depth up or down, or twice or half the chains). A law
-seen on few steps (a new batch size, a few unlucky drafts) keeps trying the lengths it is unsure
-of; one seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps
-so far at that batch size) it runs a neighbour instead, so arms not timed yet get timed
-(``explore=0``: the fit's best arm, no sampling). An arm that would be slower than the best arm
-even if every draft were accepted, and its step took two standard errors less than its mean, is not
-tried; a timing that was unlucky (the host busy) is tried again once its weight has faded. A deep,
-many-chain arm can cost dozens of plain steps, so trying every arm, or exploring uniformly, would
-cost more than the choice gains.
+draws the acceptance law's coefficients from the fit's Gaussian posterior, each run arm's tokens
+per request and step time from their means' (their spread and how much weight is left), and runs
+the arm with most tokens per second under that draw, among the arms already timed at this batch
+size and the neighbours of the fit's best arm (the next depth up or down, or twice or half the
+chains). What was seen on few steps (a new batch size, a few unlucky drafts) keeps being tried;
+what was seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps so
+far at that batch size) it runs a neighbour instead, so arms not timed yet get timed (``explore=0``:
+the fit's best arm, no sampling). An arm that would be slower than the best arm even with its
+tokens two standard errors above what it yielded (every draft accepted, where it has not run) and
+its step two standard errors quicker than its mean is not tried; a timing that was unlucky (the
+host busy) is tried again once its weight has faded. A deep, many-chain arm can cost dozens of
+plain steps, so trying every arm, or exploring uniformly, would cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -77,14 +82,16 @@ class OnlineLeastSquares:
 
 MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
 ACCEPT_VARIANCE = 0.25  # a 0/1 acceptance's variance at most: the posterior Thompson sampling draws from
+PRIOR_REQUESTS = 20  # an arm's own tokens per request outweigh the law's prediction once it has run this many
 TIME_NOISE = 0.25  # a step time's relative spread beyond what was seen (this host's runs differ by up to 25%)
 TIME_FLOOR = 0.5  # a draw of a step time stays above this share of its mean (no timing is off by more than 2x)
 
 
 @dataclass
-class ArmTimes:
-    """One arm's step times: sums weighted by ``decay`` per policy step since each was seen (as of step
-    ``at``, the last update); the mean is their ratio, which fading leaves alone."""
+class FadedSamples:
+    """One arm's step times, or the tokens its requests got per step: sums weighted by ``decay`` per
+    policy step since each was seen (as of step ``at``, the last update); the mean is their ratio,
+    which fading leaves alone."""
 
     weight: float = 0.0
     total: float = 0.0
@@ -96,12 +103,19 @@ class ArmTimes:
         self.weight, self.total = self.weight * fade + 1, self.total * fade + seconds
         self.squares, self.at = self.squares * fade + seconds ** 2, now
 
-    def mean_and_error(self, now: int, decay: float) -> tuple[float, float]:
-        """The mean step time and its standard error."""
-        mean = self.total / self.weight
-        variance = max(self.squares / self.weight - mean ** 2, 0.0) + (TIME_NOISE * mean) ** 2
-        # A server's arm left alone for ~150K steps fades below floats: its error is then unbounded.
-        return mean, math.sqrt(variance / max(self.weight * decay ** (now - self.at), 1e-12))
+    @property
+    def mean(self) -> float:
+        return self.total / self.weight
+
+    def error(self, now: int, decay: float, noise: float) -> float:
+        """The mean's standard error, ``noise`` added to the variance seen."""
+        variance = max(self.squares / self.weight - self.mean ** 2, 0.0) + noise
+        return math.sqrt(variance / self.left(now, decay))
+
+    def left(self, now: int, decay: float) -> float:
+        """The weight left after fading. A server's arm left alone for ~150K steps fades below floats:
+        its error is then unbounded."""
+        return max(self.weight * decay ** (now - self.at), 1e-12)
 
 
 def _law_row(k: int, batch: int, depth: int) -> list[float]:
@@ -134,10 +148,11 @@ class ScyllaPolicy:
             raise ValueError(f"scylla max_drafts={self.max_drafts}: no depth in {self.depths} with "
                              f"{min(self.chains)} chain(s) fits; allow more draft tokens or shorter depths")
         self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0], self.decay)
-        self.cost = OnlineLeastSquares([0, 0, 0, 0], self.decay, ridge=1e-6)
+        self.cost = OnlineLeastSquares([0, 0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
         self._law_rng = np.random.default_rng(self.seed)
-        self._steps: dict[tuple[int, int, int], ArmTimes] = {}  # (depth, k, batch) -> its step times
+        self._steps: dict[tuple[int, int, int], FadedSamples] = {}  # (depth, k, batch) -> its step times
+        self._tokens: dict[tuple[int, int, int], FadedSamples] = {}  # (depth, k, batch) -> tokens per request
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
         self._now = 0  # steps observed, the clock arm times fade by
 
@@ -146,32 +161,42 @@ class ScyllaPolicy:
         return float(np.clip(np.dot(law, _law_row(k, batch, depth)), 0.01, MAX_ACCEPT))
 
     def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None,
-                        law: np.ndarray | None = None) -> float:
-        """Tokens per request of a step; ``rate`` fixes every depth's acceptance instead of the law,
-        ``law`` gives the law's coefficients (default: the fit)."""
+                        law: np.ndarray | None = None, draw: float | None = None) -> float:
+        """Tokens per request of a step: the law's prediction, and where the arm has run at this batch size,
+        the tokens its requests got, the law counting as ``PRIOR_REQUESTS`` of them. ``rate`` fixes every
+        depth's acceptance instead (the law alone), ``law`` gives the law's coefficients (default: the
+        fit), ``draw`` (a number of standard errors, ``math.nan``: random) moves the arm's own mean."""
         total, alive = 1.0, 1.0
         for t in range(1, depth + 1):
             alive *= self.accept_rate(k, batch, t, law) if rate is None else rate
             total += alive
-        return total
+        seen = self._tokens.get((depth, k, batch))
+        if rate is not None or seen is None:
+            return total
+        mean, weight = seen.mean, seen.left(self._now, self.decay)
+        if draw is not None:
+            spread = self._law_rng.standard_normal() if math.isnan(draw) else draw
+            mean += spread * seen.error(self._now, self.decay, ACCEPT_VARIANCE * depth)
+        return (weight * mean + PRIOR_REQUESTS * total) / (weight + PRIOR_REQUESTS)
 
     def expected_seconds(self, depth: int, k: int, batch: int, draw: float | None = None) -> float | None:
         """An arm's step time: its timings' mean, or ``draw`` standard errors from it (a number: that many;
         ``math.nan``: a random draw); from the cost fit where it has none; None where it cannot tell."""
         seen = self._steps.get((depth, k, batch))
         if seen is not None:
-            mean, error = seen.mean_and_error(self._now, self.decay)
+            mean = seen.mean
             if draw is None:
                 return mean
             spread = self._law_rng.standard_normal() if math.isnan(draw) else draw
-            return max(mean + spread * error, TIME_FLOOR * mean)
+            return max(mean + spread * seen.error(self._now, self.decay, (TIME_NOISE * mean) ** 2), TIME_FLOOR * mean)
         if self.cost.seen < 8:
             return None
         return float(np.dot(self.cost.coef(), self._cost_row(depth, k, batch)))
 
     @staticmethod
     def _cost_row(depth: int, k: int, batch: int) -> list[float]:
-        return [1.0, batch * (k * depth + 1), depth, depth * batch * k]
+        # in vLLM, k >= 2 chains are scored in a pass of fastctx's before the engine's: a cost of its own
+        return [1.0, batch * (k * depth + 1), depth, depth * batch * k, float(k > 1)]
 
     def choose(self, batch: int) -> tuple[int, int]:
         """(speculation depth, chain count) for the next step of ``batch`` requests."""
@@ -185,18 +210,22 @@ class ScyllaPolicy:
             if (probe[0], probe[1], batch) not in self._steps:
                 return probe
 
-        def rate(arm, accept=None, law=None, draw=None):
+        def rate(arm, accept=None, law=None, draw=None, tokens_draw=None):
             seconds = self.expected_seconds(arm[0], arm[1], batch, draw)
             if seconds is None:  # neither seen nor predictable yet
                 return -math.inf
-            return self.expected_tokens(arm[0], arm[1], batch, accept, law) * batch / max(seconds, 1e-9)
+            return self.expected_tokens(arm[0], arm[1], batch, accept, law, tokens_draw) * batch / max(seconds, 1e-9)
 
         best = max(arms, key=rate)
         if not self.explore:
             return best
         bar = rate(best)
 
-        def could_win(arm):  # every draft accepted, the step two standard errors quicker than its mean
+        def could_win(arm):
+            """Two standard errors luckier than seen in tokens (every draft accepted where it has not run)
+            and in step time."""
+            if (arm[0], arm[1], batch) in self._tokens:
+                return rate(arm, draw=-2.0, tokens_draw=2.0) > bar
             return rate(arm, MAX_ACCEPT, draw=-2.0) > bar
 
         depth_at = depths.index(best[0])
@@ -211,7 +240,8 @@ class ScyllaPolicy:
         # what was seen on many settles.
         timed = [a for a in arms if (a[0], a[1], batch) in self._steps and (a == best or could_win(a))]
         law = self.acceptance.sample(self._law_rng, ACCEPT_VARIANCE)
-        return max(dict.fromkeys([best, *timed, *near]), key=lambda a: rate(a, law=law, draw=math.nan))
+        return max(dict.fromkeys([best, *timed, *near]),
+                   key=lambda a: rate(a, law=law, draw=math.nan, tokens_draw=math.nan))
 
     def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
         """One step: how many draft tokens each request accepted, and the step's wall time."""
@@ -224,7 +254,9 @@ class ScyllaPolicy:
             self.acceptance.add(np.array(rows), np.array(ys))
         self.cost.add(np.array([self._cost_row(depth, k, batch)]), np.array([seconds]))
         self._now += 1
-        self._steps.setdefault((depth, k, batch), ArmTimes()).add(seconds, self._now, self.decay)
+        self._steps.setdefault((depth, k, batch), FadedSamples()).add(seconds, self._now, self.decay)
+        for a in accepted:
+            self._tokens.setdefault((depth, k, batch), FadedSamples()).add(1.0 + min(a, depth), self._now, self.decay)
 
     def law(self) -> dict:
         th = self.acceptance.coef()
@@ -232,5 +264,11 @@ class ScyllaPolicy:
         th, c = [float(x) for x in th], [float(x) for x in c]  # plain floats: the law crosses RPCs as msgpack
         return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3]},
                 "step_seconds": {"fixed": c[0], "per_target_token": c[1], "per_draft_step": c[2],
-                                 "per_draft_token": c[3]},
-                "observations": int(self.acceptance.seen)}
+                                 "per_draft_token": c[3], "two_or_more_chains": c[4]},
+                "observations": int(self.acceptance.seen),
+                # per batch size, each arm's mean step time, tokens per request, and the (faded) steps behind them
+                "arms": {f"b{b}": {f"d{g}k{k}": {"seconds": t.mean, "steps": t.weight,
+                                                 "tokens": self._tokens[g, k, bb].mean if (g, k, bb) in self._tokens
+                                                 else None}
+                                   for (g, k, bb), t in sorted(self._steps.items()) if bb == b}
+                         for b in sorted({key[2] for key in self._steps})}}

@@ -193,15 +193,16 @@ class SpecTrProposer:
         self.accepted.clear()
         if not eligible:
             return out
-        step_arm = self.policy.choose(len(eligible)) if self.policy else None
-        table_depth = None
+        # Requests that name their own arm run it; the engine's schedule (Scylla's or vLLM's table) picks
+        # for the rest. Scylla times only the steps it picked for every request.
+        scheduled = [e for e in eligible if e[3] is None]
+        step_arm = self.policy.choose(len(eligible)) if self.policy and scheduled else None
         if self.table is not None:  # indexed like vLLM's scheduler: by the step's number of requests
-            table_depth = min(self.table[min(len(sampled_token_ids), len(self.table) - 1)], self.depth)
+            step_arm = (min(self.table[min(len(sampled_token_ids), len(self.table) - 1)], self.depth),
+                        self.params.chains)
         work = []
         for row, req_id, temperature, arm in eligible:
-            depth, k = step_arm or arm
-            if table_depth is not None:
-                depth = table_depth
+            depth, k = arm or step_arm or (self.depth, self.params.chains)
             self.arms[f"d{depth}k{k}"] = self.arms.get(f"d{depth}k{k}", 0) + 1
             if depth:
                 tokens = token_ids_cpu[row, :int(num_tokens_no_spec[row])].tolist()
@@ -209,15 +210,18 @@ class SpecTrProposer:
         verified = self._verify(work) if work else []
         for (row, *_), tokens in zip(work, verified):
             out[row] = tokens
-        if self.policy is not None:
+        if step_arm is not None and self.policy is not None and len(scheduled) == len(eligible):
             self._last_step = (*step_arm, ids, now)
         return out
 
-    def _request_arm(self, sp) -> tuple[int, int]:
-        """(depth, chains) of a request: the engine's, or its ``extra_args={"spectr": {"depth", "chains"}}``
-        within the engine's bounds (depth 0: no drafts). Scylla's choice overrides both; vLLM's
-        per-batch-size schedule, where set, overrides the depth."""
+    def _request_arm(self, sp) -> tuple[int, int] | None:
+        """(depth, chains) a request asks for with ``extra_args={"spectr": {"depth", "chains"}}`` within the
+        engine's bounds (depth 0: no drafts; the one not named is the engine's), or None where it asks for
+        neither: then the engine's schedule picks (Scylla's, vLLM's per-batch-size table, or the engine's
+        depth and chains)."""
         ask = (sp.extra_args or {}).get("spectr") or {}
+        if not ask:
+            return None
         depth, k = ask.get("depth", self.depth), ask.get("chains", self.params.chains)
         if not (isinstance(depth, int) and 0 <= depth <= self.depth and isinstance(k, int) and 1 <= k <= 16):
             logger.warning_once("SpecTr: a request asked for depth=%r, chains=%r; this engine serves depth "
