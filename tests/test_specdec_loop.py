@@ -94,19 +94,25 @@ def test_the_interpolated_ngram_draft_mixes_every_matching_context():
         NgramDraft(vocab=10, interpolation=0)
 
 
+def draw_accepted(rng: random.Random, depth: int, batch: int, rates) -> list[int]:
+    """Drafts each of ``batch`` requests accepts at ``depth``, depth t accepted with ``rates[t - 1]``."""
+    accepted = []
+    for _ in range(batch):
+        a = 0
+        while a < depth and rng.random() < rates[a]:
+            a += 1
+        accepted.append(a)
+    return accepted
+
+
 def simulate(policy: ScyllaPolicy, steps: int, batch: int, rng: random.Random, draft_s: float = 0.002):
     """A draft whose conditional acceptance is 0.9 - 0.1 ln(batch) per depth, on a machine where a
     step costs 10 ms + 1 ms per target token + ``draft_s`` per draft step."""
     rate = 0.9 - 0.1 * math.log(batch)
     for _ in range(steps):
         depth, k = policy.choose(batch)
-        accepted = []
-        for _ in range(batch):
-            a = 0
-            while a < depth and rng.random() < rate:
-                a += 1
-            accepted.append(a)
-        policy.observe(depth, k, batch, accepted, 0.010 + 0.001 * batch * (depth + 1) + draft_s * depth)
+        policy.observe(depth, k, batch, draw_accepted(rng, depth, batch, [rate] * depth),
+                       0.010 + 0.001 * batch * (depth + 1) + draft_s * depth)
 
 
 def best_arm(batch: int, depths) -> int:
@@ -193,10 +199,7 @@ def test_scylla_recovers_from_unlucky_first_drafts():
         rng = random.Random(seed)
         for _ in range(60):
             depth, k = policy.choose(1)
-            a = 0
-            while a < depth and rng.random() < 0.6:
-                a += 1
-            policy.observe(depth, k, 1, [a], 0.011 + 0.0015 * depth)
+            policy.observe(depth, k, 1, draw_accepted(rng, depth, 1, [0.6] * depth), 0.011 + 0.0015 * depth)
         assert sum(1 for depth, _ in runs[30:] if depth) >= 24, (seed, runs)
 
 
@@ -213,13 +216,8 @@ def test_scylla_tries_again_an_arm_timed_while_the_host_was_busy():
         runs = recorded(policy)
         for _ in range(500):
             depth, k = policy.choose(4)
-            accepted = []
-            for _ in range(4):
-                a = 0
-                while a < depth and rng.random() < 0.3:
-                    a += 1
-                accepted.append(a)
-            policy.observe(depth, k, 4, accepted, (0.040 + 0.020 * depth) * rng.uniform(0.9, 1.1))
+            policy.observe(depth, k, 4, draw_accepted(rng, depth, 4, [0.3] * depth),
+                           (0.040 + 0.020 * depth) * rng.uniform(0.9, 1.1))
         assert sum(1 for depth, _ in runs[300:] if depth == 0) >= 160, (seed, runs[300:])
 
 
@@ -231,17 +229,6 @@ def test_scylla_arm_times_survive_a_long_absence():
     policy._now += 200_000  # steps at other batch sizes
     assert policy.expected_seconds(0, 1, 2) == pytest.approx(0.05)
     assert policy.choose(2) in {(0, 1), (1, 1)}
-
-
-def draw_accepted(rng: random.Random, depth: int, batch: int, rates) -> list[int]:
-    """Drafts each of ``batch`` requests accepts at ``depth``, depth t accepted with ``rates[t - 1]``."""
-    accepted = []
-    for _ in range(batch):
-        a = 0
-        while a < depth and rng.random() < rates[a]:
-            a += 1
-        accepted.append(a)
-    return accepted
 
 
 def test_scylla_ranks_the_arms_it_has_run_by_what_they_yielded():

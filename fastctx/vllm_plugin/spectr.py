@@ -210,7 +210,7 @@ class SpecTrProposer:
         verified = self._verify(work) if work else []
         for (row, *_), tokens in zip(work, verified):
             out[row] = tokens
-        if step_arm is not None and self.policy is not None and len(scheduled) == len(eligible):
+        if self.policy is not None and len(scheduled) == len(eligible):  # Scylla picked for every request
             self._last_step = (*step_arm, ids, now)
         return out
 
