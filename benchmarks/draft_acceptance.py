@@ -11,11 +11,15 @@ Beside K-SEQ, ``bound k=4``: no verification of 4 independent drafts can accept 
 ``sum_x min(p(x), 1 - (1 - q(x))^4)`` (the output is x only if some draft is x), so K-SEQ's
 distance to it is what a better verifier could still gain on that draft; the rest is the draft's.
 Drafts: n-gram distributions (min_n, max_n, interpolation) and ``stream``, the target over its
-first 4 and last 64 tokens' KV (``spec_decode.py --engine hf --draft stream``).
+first 4 and last 64 tokens' KV (``spec_decode.py --engine hf --draft stream``). ``streaks``: the
+default n-gram draft's one-chain acceptance after a position where it was above 0.5 and after one
+where it was not (whether acceptance runs in streaks, which a policy choosing one length per step
+for a batch cannot see).
 
     python benchmarks/draft_acceptance.py                 # 6 prompts x 64 tokens
     python benchmarks/draft_acceptance.py --quick         # 2 prompts x 32 tokens
     python benchmarks/draft_acceptance.py --prompts 12 --new-tokens 96
+    python benchmarks/draft_acceptance.py --drafts interp0.5_1_4 --prompts 8 --new-tokens 128   # one draft
 
 The last line printed is one JSON object.
 """
@@ -40,6 +44,7 @@ DRAFTS = {"longest_2_4": (2, 4, 1.0), "interp0.5_2_4": (2, 4, 0.5), "interp0.7_2
           "stream_4_64": None}
 CHAINS = (1, 2, 4)
 STREAM_SINK, STREAM_WINDOW = 4, 64
+STREAK_DRAFT = "interp0.5_1_4"  # vLLM's default n-gram draft
 
 
 def draft_dist(draft, context: list[int]) -> torch.Tensor:
@@ -60,7 +65,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="2 prompts x 32 tokens")
+    ap.add_argument("--drafts", default=",".join(DRAFTS), help="comma-separated, of: " + ", ".join(DRAFTS))
     args = ap.parse_args()
+    chosen = {name: DRAFTS[name] for name in args.drafts.split(",") if name in DRAFTS}
+    if len(chosen) != len(args.drafts.split(",")):
+        ap.error(f"--drafts {args.drafts}: name drafts among {', '.join(DRAFTS)}")
     if args.quick:
         args.prompts, args.new_tokens = 2, 32
 
@@ -73,8 +82,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
-    sums = {(name, k): 0.0 for name in DRAFTS for k in CHAINS}
-    bound = dict.fromkeys(DRAFTS, 0.0)
+    sums = {(name, k): 0.0 for name in chosen for k in CHAINS}
+    bound = dict.fromkeys(chosen, 0.0)
+    streaks = {True: [0.0, 0], False: [0.0, 0]}  # previous position's one-chain acceptance > 0.5 -> [sum, count]
     positions = 0
     for i, prompt in enumerate(copy_prompts(tok, args.prompts, args.context)):
         torch.manual_seed(i)
@@ -83,28 +93,43 @@ def main() -> None:
                                  max_new_tokens=args.new_tokens)[0].tolist()
             logits = model(torch.tensor([seq])).logits[0].double()
             drafts = {name: NgramDraft(vocab, *knobs) if knobs else ModelDraft(model, STREAM_SINK, STREAM_WINDOW)
-                      for name, knobs in DRAFTS.items()}
+                      for name, knobs in chosen.items()}
+            previous = None
             for t in range(len(prompt), len(seq)):
                 target = torch.softmax(logits[t - 1], -1)[None]
                 for name, draft in drafts.items():
                     q = draft_dist(draft, seq[:t]).to(target.dtype)
+                    accepts = {k: float(acceptance(beta(q, target, optimal_rho(q, target, k)), k)) for k in CHAINS}
                     for k in CHAINS:
-                        sums[name, k] += float(acceptance(beta(q, target, optimal_rho(q, target, k)), k))
+                        sums[name, k] += accepts[k]
                     bound[name] += float(torch.minimum(target, 1 - (1 - q) ** 4).sum())
+                    if name == STREAK_DRAFT:
+                        if previous is not None:
+                            streaks[previous > 0.5][0] += accepts[1]
+                            streaks[previous > 0.5][1] += 1
+                        previous = accepts[1]
                 positions += 1
         print(f"prompt {i}: {positions} positions", flush=True)
 
-    mean = {name: {k: sums[name, k] / positions for k in CHAINS} for name in DRAFTS}
+    mean = {name: {k: sums[name, k] / positions for k in CHAINS} for name in chosen}
     bound = {name: value / positions for name, value in bound.items()}
+    streak = {"after_above_half": streaks[True][0] / max(streaks[True][1], 1),
+              "positions_after_above_half": streaks[True][1],
+              "otherwise": streaks[False][0] / max(streaks[False][1], 1),
+              "positions_otherwise": streaks[False][1]} if STREAK_DRAFT in chosen else None
     print(f"\n{'draft (min_n, max_n, interpolation)':36s} " + " ".join(f"{'k=' + str(k):>7s}" for k in CHAINS)
           + f" {'k4 / k1':>8s} {'bound k=4':>9s}")
-    for name, knobs in DRAFTS.items():
+    for name, knobs in chosen.items():
         print(f"{name + ' ' + str(knobs or ''):36s} " + " ".join(f"{mean[name][k]:7.3f}" for k in CHAINS)
               + f" {mean[name][4] / mean[name][1]:8.3f} {bound[name]:9.3f}")
+    if streak:
+        print(f"{STREAK_DRAFT}, one chain: {streak['after_above_half']:.3f} after a position it accepted with > 0.5 "
+              f"({streak['positions_after_above_half']}), {streak['otherwise']:.3f} otherwise "
+              f"({streak['positions_otherwise']})")
     print(json.dumps({"prompts": args.prompts, "context": args.context, "new_tokens": args.new_tokens,
                       "positions": positions, "temperature": 1.0, "machine": machine(),
-                      "first_draft_acceptance": mean, "bound_k4": bound,
-                      "k4_over_k1": {name: mean[name][4] / mean[name][1] for name in DRAFTS}}))
+                      "first_draft_acceptance": mean, "bound_k4": bound, "streaks": streak,
+                      "k4_over_k1": {name: mean[name][4] / mean[name][1] for name in chosen}}))
 
 
 if __name__ == "__main__":
