@@ -84,7 +84,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     sums = {(name, k): 0.0 for name in chosen for k in CHAINS}
     bound = dict.fromkeys(chosen, 0.0)
-    streaks = {True: [0.0, 0], False: [0.0, 0]}  # previous position's one-chain acceptance > 0.5 -> [sum, count]
+    streaks = {True: [], False: []}  # previous position's one-chain acceptance > 0.5 -> this position's
     positions = 0
     for i, prompt in enumerate(copy_prompts(tok, args.prompts, args.context)):
         torch.manual_seed(i)
@@ -105,18 +105,17 @@ def main() -> None:
                     bound[name] += float(torch.minimum(target, 1 - (1 - q) ** 4).sum())
                     if name == STREAK_DRAFT:
                         if previous is not None:
-                            streaks[previous > 0.5][0] += accepts[1]
-                            streaks[previous > 0.5][1] += 1
+                            streaks[previous > 0.5].append(accepts[1])
                         previous = accepts[1]
                 positions += 1
         print(f"prompt {i}: {positions} positions", flush=True)
 
     mean = {name: {k: sums[name, k] / positions for k in CHAINS} for name in chosen}
     bound = {name: value / positions for name, value in bound.items()}
-    streak = {"after_above_half": streaks[True][0] / max(streaks[True][1], 1),
-              "positions_after_above_half": streaks[True][1],
-              "otherwise": streaks[False][0] / max(streaks[False][1], 1),
-              "positions_otherwise": streaks[False][1]} if STREAK_DRAFT in chosen else None
+    streak = {"after_above_half": sum(streaks[True]) / max(len(streaks[True]), 1),
+              "positions_after_above_half": len(streaks[True]),
+              "otherwise": sum(streaks[False]) / max(len(streaks[False]), 1),
+              "positions_otherwise": len(streaks[False])} if STREAK_DRAFT in chosen else None
     print(f"\n{'draft (min_n, max_n, interpolation)':36s} " + " ".join(f"{'k=' + str(k):>7s}" for k in CHAINS)
           + f" {'k4 / k1':>8s} {'bound k=4':>9s}")
     for name, knobs in chosen.items():
