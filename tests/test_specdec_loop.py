@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastctx.specdec.hf_loop import ModelDraft, NgramDraft, Stats, generate, layer_skip_draft
-from fastctx.specdec.scylla import ScyllaPolicy
+from fastctx.specdec.scylla import Plan, ScyllaPolicy
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,8 @@ def test_scylla_arm_times_survive_a_long_absence():
 def test_scylla_ranks_the_arms_it_has_run_by_what_they_yielded():
     """A draft right twice in a row and then almost never: no log-linear law in depth fits it, and ranking
     by the law alone ran the best length (2) in 79-126 of the last 200 steps. Each run arm's own tokens
-    per request outweigh the law once it has run for a while."""
+    per request outweigh the law once it has run for a while (136-168 over twelve seeds and two random
+    streams of Thompson sampling's draws)."""
     rates = (0.9, 0.9, 0.05, 0.05, 0.05, 0.05)
 
     def cost(depth):
@@ -244,6 +245,7 @@ def test_scylla_ranks_the_arms_it_has_run_by_what_they_yielded():
         return sum(math.prod(rates[:t]) for t in range(depth + 1)) / cost(depth)
 
     assert max(range(7), key=tokens_per_s) == 2
+    best_runs = []
     for seed in range(6):
         policy = ScyllaPolicy(depths=tuple(range(7)), seed=seed)
         runs = recorded(policy)
@@ -251,7 +253,9 @@ def test_scylla_ranks_the_arms_it_has_run_by_what_they_yielded():
         for _ in range(400):
             depth, k = policy.choose(4)
             policy.observe(depth, k, 4, draw_accepted(rng, depth, 4, rates), cost(depth) * rng.uniform(0.9, 1.1))
-        assert sum(1 for depth, _ in runs[200:] if depth == 2) >= 140, (seed, runs[200:])
+        best_runs.append(sum(1 for depth, _ in runs[200:] if depth == 2))
+        assert best_runs[-1] >= 130, (seed, runs[200:])
+    assert sum(best_runs) / len(best_runs) >= 140, best_runs
 
 
 def test_scylla_learns_what_the_scoring_pass_of_many_chains_costs():
@@ -272,3 +276,67 @@ def test_scylla_learns_what_the_scoring_pass_of_many_chains_costs():
                 policy.observe(depth, k, batch, accepted, cost(depth, k, batch) * rng.uniform(0.9, 1.1))
         assert sum(1 for _, k in runs if k > 1) <= 1, (seed, runs)
     assert policy.law()["step_seconds"]["two_or_more_chains"] == pytest.approx(0.06, rel=0.2)
+
+
+def test_ngram_draft_tells_when_the_request_is_copying():
+    draft = NgramDraft(50)
+    text = [1, 2, 3, 4, 5, 1, 2, 3]
+    assert not draft.copying(text[:1])
+    assert draft.copying(text)  # "1 2" was followed by 3 before
+    assert not draft.copying(text + [9])  # "1 2 3" was followed by 4
+    assert draft.copying(text + [9, 4, 5, 1, 2, 3, 9])  # the longest earlier match, "5 1 2 3", went on with 9
+    assert not draft.copying(text + [9, 4, 5, 1, 2, 3, 9, 4, 5, 1, 2, 3, 4])  # though "3" went on with 4 more often
+    longest = text + [9, 4, 5, 1, 2, 3, 9, 4, 5, 1, 2, 3, 4, 5]
+    draft.propose(longest, 1, 2, 1.0, torch.Generator().manual_seed(0))
+    assert not draft.copying(longest)  # the newest token is in the index now: no signal
+
+
+def streaky_run(policy: ScyllaPolicy, seed: int, signal: bool, batch: int = 1, steps: int = 800) -> float:
+    """Tokens per second (after a quarter of the steps) on a draft whose acceptance runs in streaks: a
+    copying request accepts each depth with 0.8, another with 0.15; copying goes on with 0.85 and starts
+    with 0.12 a token. A step costs 40 ms + 10 ms per request + 4 ms per draft token. ``signal``: the
+    policy is told which requests are copying."""
+    rng = random.Random(seed)
+    copying, tokens, seconds = [False] * batch, 0, 0.0
+    for step in range(steps):
+        plan = policy.plan(batch, sum(copying) if signal else 0)
+        depths = [plan.depth_of(c) if signal else plan.depth for c in copying]
+        spent = (0.040 + 0.010 * batch + 0.004 * sum(depths)) * rng.uniform(0.9, 1.1)
+        accepted = [draw_accepted(rng, g, 1, [0.8 if c else 0.15] * g)[0] for g, c in zip(depths, copying)]
+        policy.observe_plan(plan, batch, accepted, spent, copying if signal else None)
+        copying = [rng.random() < (0.85 if c else 0.12) for c in copying]
+        if step >= steps // 4:
+            tokens, seconds = tokens + batch + sum(accepted), seconds + spent
+    return tokens / seconds
+
+
+@pytest.mark.parametrize("batch,gain", [(1, 1.05), (8, 1.1)])
+def test_scylla_drafts_deeper_for_a_copying_request(batch, gain):
+    """Told which requests are copying, the law learns how much likelier their drafts stand, and the
+    policy drafts deep for a request while it copies and little for the others in the same step: more
+    tokens per second than the same policy without the signal on a streaky draft (over six seeds 1.10x
+    at batch 1, where one depth per step suffices, 1.19x at batch 8; 1.07x and 1.19x over these three)."""
+    told = [streaky_run(ScyllaPolicy(depths=tuple(range(7)), seed=seed), seed, True, batch) for seed in range(3)]
+    blind = [streaky_run(ScyllaPolicy(depths=tuple(range(7)), seed=seed), seed, False, batch) for seed in range(3)]
+    assert sum(told) / sum(blind) > gain, (told, blind)
+    policy = ScyllaPolicy(depths=tuple(range(7)), seed=0)
+    streaky_run(policy, 0, True, batch)
+    assert policy.law()["acceptance"]["copying"] == pytest.approx(0.65, abs=0.15)
+    policy.explore = 0.0
+    copying = policy.plan(batch, max(batch // 2, 1))  # at batch 1, the one request copies or does not
+    assert copying.depth_copying >= policy.plan(batch, batch // 2).depth + 2, copying
+
+
+def test_scylla_plan_keys_a_step_by_its_draft_tokens_and_checks_the_copying_count():
+    policy = ScyllaPolicy(depths=(0, 1, 2), seed=0)
+    plan = Plan(depth=1, chains=1, depth_copying=2, copying=1)
+    assert [plan.depth_of(c) for c in (False, True)] == [1, 2] and plan.drafted(3) == 4
+    policy.observe_plan(plan, 3, [0, 1, 2], 0.09, [False, False, True])
+    law = policy.law()
+    assert set(law["steps"]["b3"]) == {"D4k1"}
+    assert law["arms"]["b3"] == {"d1k1": {"tokens": 1.5, "tokens_copying": None},
+                                 "d2k1": {"tokens": None, "tokens_copying": 3.0}}
+    with pytest.raises(ValueError, match="3 of 2 requests copying"):
+        policy.plan(2, 3)
+    with pytest.raises(ValueError, match="2 copying flags"):
+        policy.observe_plan(plan, 3, [0, 1, 2], 0.09, [False, True])

@@ -154,3 +154,6 @@ def test_scylla_picks_depth_and_chains_per_step_and_exposes_its_law(vllm_availab
     # rank best or a neighbour of it: always arms of this engine (depth 0-2, 1-2 chains).
     assert {"d0k1", "d1k1"} <= set(s["arms"]) <= {"d0k1", "d1k1", "d1k2", "d2k1", "d2k2"}
     assert s["scylla_law"]["observations"] > 0
+    # The proposer tells it which requests are copying (their newest token the n-gram draft's likeliest)
+    arms = [arm for per_batch in s["scylla_law"]["arms"].values() for arm in per_batch.values()]
+    assert any(arm["tokens_copying"] is not None for arm in arms) and any(arm["tokens"] is not None for arm in arms)

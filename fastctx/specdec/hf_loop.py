@@ -158,7 +158,7 @@ class NgramDraft:
         self._unigram_share: torch.Tensor | None = None  # the context's token frequencies, dense
 
     def _index(self, tokens: list[int]) -> None:
-        if self.indexed == len(tokens):
+        if self.indexed >= len(tokens):  # a request's tokens only grow: nothing new
             return
         for i in range(self.indexed, len(tokens)):
             self.unigram[tokens[i]] += 1
@@ -194,6 +194,18 @@ class NgramDraft:
             if w == 1:
                 break
         return p
+
+    def copying(self, tokens: list[int]) -> bool:
+        """Whether the newest token is the one the longest earlier match of the tokens before it was
+        followed by most often: the request is copying, and its next drafts are likelier to stand."""
+        if len(tokens) < 2 or self.indexed > len(tokens) - 1:  # too short, or the newest token already counted
+            return False
+        self._index(tokens[:-1])
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            counts = self.follow.get(tuple(tokens[-1 - n:-1]))
+            if counts:
+                return counts.most_common(1)[0][0] == tokens[-1]
+        return False
 
     def propose(self, tokens: list[int], k: int, depth: int, temperature: float, gen: torch.Generator):
         self._index(tokens)
@@ -274,9 +286,12 @@ def generate(target, draft, prompt: list[int], max_new: int, temperature: float,
         while len(req.tokens) - len(prompt) < max_new:
             t0 = time.perf_counter()
             if policy is not None:
-                g, kk = policy.choose(1)
+                # an n-gram draft tells whether the request is copying; a model draft has no such signal
+                copying = isinstance(draft, NgramDraft) and draft.copying(req.tokens)
+                plan = policy.plan(1, int(copying))
+                g, kk = plan.depth_of(copying), plan.chains
                 added = req.spec_step(g, kk, temperature, gen) if g else req.plain_step(temperature, gen)
-                policy.observe(g, kk, 1, [added - 1], time.perf_counter() - t0)
+                policy.observe_plan(plan, 1, [added - 1], time.perf_counter() - t0, [copying])
                 stats.arms[(g, kk)] = stats.arms.get((g, kk), 0) + 1
             elif depth:
                 added = req.spec_step(depth, k, temperature, gen)

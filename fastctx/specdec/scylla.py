@@ -5,36 +5,44 @@ Scylla (Yan et al. 2025) finds draft acceptance log-linear in draft capacity, pr
 batch size. For one deployed draft the free variables are the chain count k, the batch size b and
 the depth t, so the law fitted here is
 
-    P(token at depth t accepted | depth t - 1 accepted) = clip(th0 + th1 ln k + th2 ln b + th3 ln t)
+    P(token at depth t accepted | depth t - 1 accepted) = clip(th0 + th1 ln k + th2 ln b + th3 ln t + th4 c)
 
-by ridge least squares over exponentially forgotten observations. A step's time is the mean of the
-steps seen with the same (depth, chains, batch), forgotten with every step the policy takes (so an
-arm timed long ago, or on a host that has since sped up or slowed down, is known less well), and
-for a combination not seen yet the linear fit ``T = c0 + c1 * target_tokens + depth * (d0 + d1 *
-draft_tokens) + s * [k >= 2]`` (s: what two or more chains cost beyond their tokens; in vLLM a
-scoring pass of fastctx's before the engine's). A step with depth g and k
-chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j)`` tokens per request in expectation by the
-law; where the arm has run at this batch size, that prediction is averaged with the tokens its
-requests got, the law counting as ``PRIOR_REQUESTS`` of them, so an arm run often is ranked by
-what it yielded (the law, fitted over every arm, predicted the deep arms of an n-gram draft ~10-20%
-high on the default model) and one seen little by the law. The policy picks the (g, k) with most
-tokens per second. Depth 0 (no speculation) is an arm too: where drafting costs more than it saves,
-the policy stops speculating.
+by ridge least squares over exponentially forgotten observations. ``c`` is 1 for a request that is
+copying (its newest token was the one its draft expected most), else 0: acceptance runs in
+streaks (an n-gram draft on copy prompts: one chain accepts 0.64 after a position it likely
+accepted, 0.20 otherwise), which batch size and depth alone cannot see. An engine that has no
+such signal passes none, and th4 stays 0.
 
-No arm is run just to be tried: per batch size the policy first runs no speculation and the
-cheapest speculation (the smallest depth, one chain), then picks by Thompson sampling: each step it
-draws the acceptance law's coefficients from the fit's Gaussian posterior, each run arm's tokens
-per request and step time from their means' (their spread and how much weight is left), and runs
-the arm with most tokens per second under that draw, among the arms already timed at this batch
-size and the neighbours of the fit's best arm (the next depth up or down, or twice or half the
-chains). What was seen on few steps (a new batch size, a few unlucky drafts) keeps being tried;
-what was seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps so
-far at that batch size) it runs a neighbour instead, so arms not timed yet get timed (``explore=0``:
-the fit's best arm, no sampling). An arm that would be slower than the best arm even with its
-tokens two standard errors above what it yielded (every draft accepted, where it has not run) and
-its step two standard errors quicker than its mean is not tried; a timing that was unlucky (the
-host busy) is tried again once its weight has faded. A deep, many-chain arm can cost dozens of
-plain steps, so trying every arm, or exploring uniformly, would cost more than the choice gains.
+An arm (a ``Plan``) gives a depth to the step's requests that are copying and one, no deeper, to
+the others, and a chain count to both: one depth for a whole batch drafts deep for every request
+where a few copy, or shallow for the ones that do. A step's time is the mean of the steps seen with
+the same draft tokens over the step's requests, chains and batch size, forgotten with every step
+the policy takes (so an arm timed long ago, or on a host that has since sped up or slowed down, is
+known less well), and for a combination not seen yet the linear fit ``T = c0 + c1 * target_tokens
++ c2 * deepest_draft + c3 * draft_tokens + s * [k >= 2]`` (s: what two or more chains cost beyond
+their tokens; in vLLM a scoring pass of fastctx's before the engine's). A request drafting depth g
+with k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j, c)`` tokens in expectation by the law;
+where the (g, k) has run at this batch size, that prediction is averaged with the tokens its
+requests in the same state got, the law counting as ``PRIOR_REQUESTS`` of them, so an arm run
+often is ranked by what it yielded (the law, fitted over every arm, predicted the deep arms of an
+n-gram draft ~10-20% high on the default model) and one seen little by the law. The policy picks
+the arm with most tokens per second. Depth 0 (no speculation) is an arm too: where drafting costs
+more than it saves, the policy stops speculating.
+
+No arm is run just to be tried: per batch size the policy first runs no speculation and the cheapest
+speculation (the smallest depth, one chain), then picks by Thompson sampling: each step it draws the
+acceptance law's coefficients from the fit's Gaussian posterior, each run arm's tokens per request
+and step time from their means' (their spread and how much weight is left), and runs the arm with
+most tokens per second under that draw, among the arms already timed at this batch size and the
+neighbours of the fit's best arm (each state's depth one up, down or the same, or twice or half the
+chains). What was seen on few steps (a new batch size, a few unlucky drafts) keeps being tried; what
+was seen on many settles on the best. With probability ``explore / (1 + n / 20)`` (n: steps so far
+at that batch size) it runs a neighbour instead, so arms not timed yet get timed (``explore=0``: the
+fit's best arm, no sampling). An arm that would be slower than the best arm even with its tokens two
+standard errors above what it yielded (every draft accepted, where it has not run) and its step two
+standard errors quicker than its mean is not tried; a timing that was unlucky (the host busy) is
+tried again once its weight has faded. A deep, many-chain arm can cost dozens of plain steps, so
+trying every arm, or exploring uniformly, would cost more than the choice gains.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -118,8 +127,28 @@ class FadedSamples:
         return max(self.weight * decay ** (now - self.at), 1e-12)
 
 
-def _law_row(k: int, batch: int, depth: int) -> list[float]:
-    return [1.0, math.log(k), math.log(batch), math.log(depth)]
+def _law_row(k: int, batch: int, depth: int, copying: bool = False) -> list[float]:
+    return [1.0, math.log(k), math.log(batch), math.log(depth), float(copying)]
+
+
+class Plan(NamedTuple):
+    """A step's arm: ``depth`` draft tokens per chain for a request not copying, ``depth_copying`` for
+    one copying (``copying`` of the step's requests were when it was chosen), ``chains`` chains each."""
+
+    depth: int
+    chains: int
+    depth_copying: int
+    copying: int = 0
+
+    def depth_of(self, copying: bool) -> int:
+        return self.depth_copying if copying else self.depth
+
+    def deepest(self) -> int:
+        return self.depth_copying if self.copying else self.depth
+
+    def drafted(self, batch: int) -> int:
+        """Draft tokens per chain over the step's requests: what its time is keyed by."""
+        return (batch - self.copying) * self.depth + self.copying * self.depth_copying
 
 
 @dataclass
@@ -147,30 +176,34 @@ class ScyllaPolicy:
         if self.max_drafts is not None and not any(0 < g * min(self.chains) <= self.max_drafts for g in self.depths):
             raise ValueError(f"scylla max_drafts={self.max_drafts}: no depth in {self.depths} with "
                              f"{min(self.chains)} chain(s) fits; allow more draft tokens or shorter depths")
-        self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0], self.decay)
+        self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0, 0], self.decay)
         self.cost = OnlineLeastSquares([0, 0, 0, 0, 0], self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
         self._law_rng = np.random.default_rng(self.seed)
-        self._steps: dict[tuple[int, int, int], FadedSamples] = {}  # (depth, k, batch) -> its step times
-        self._tokens: dict[tuple[int, int, int], FadedSamples] = {}  # (depth, k, batch) -> tokens per request
+        # (draft tokens per chain over the step's requests, k, batch) -> its step times
+        self._steps: dict[tuple[int, int, int], FadedSamples] = {}
+        # (depth, k, batch, copying) -> tokens per request
+        self._tokens: dict[tuple[int, int, int, bool], FadedSamples] = {}
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
         self._now = 0  # steps observed, the clock arm times fade by
 
-    def accept_rate(self, k: int, batch: int, depth: int, law: np.ndarray | None = None) -> float:
+    def accept_rate(self, k: int, batch: int, depth: int, law: np.ndarray | None = None,
+                    copying: bool = False) -> float:
         law = self.acceptance.coef() if law is None else law
-        return float(np.clip(np.dot(law, _law_row(k, batch, depth)), 0.01, MAX_ACCEPT))
+        return float(np.clip(np.dot(law, _law_row(k, batch, depth, copying)), 0.01, MAX_ACCEPT))
 
     def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None,
-                        law: np.ndarray | None = None, draw: float | None = None) -> float:
-        """Tokens per request of a step: the law's prediction, and where the arm has run at this batch size,
-        the tokens its requests got, the law counting as ``PRIOR_REQUESTS`` of them. ``rate`` fixes every
-        depth's acceptance instead (the law alone), ``law`` gives the law's coefficients (default: the
-        fit), ``draw`` (a number of standard errors, ``math.nan``: random) moves the arm's own mean."""
+                        law: np.ndarray | None = None, draw: float | None = None, copying: bool = False) -> float:
+        """Tokens per request of a step at ``depth`` for a request copying or not: the law's prediction,
+        and where the arm has run at this batch size, the tokens its requests in that state got, the
+        law counting as ``PRIOR_REQUESTS`` of them. ``rate`` fixes every depth's acceptance instead (the
+        law alone), ``law`` gives the law's coefficients (default: the fit), ``draw`` (a number of
+        standard errors, ``math.nan``: random) moves the arm's own mean."""
         total, alive = 1.0, 1.0
         for t in range(1, depth + 1):
-            alive *= self.accept_rate(k, batch, t, law) if rate is None else rate
+            alive *= self.accept_rate(k, batch, t, law, copying) if rate is None else rate
             total += alive
-        seen = self._tokens.get((depth, k, batch))
+        seen = self._tokens.get((depth, k, batch, copying))
         if rate is not None or seen is None:
             return total
         mean, weight = seen.mean, seen.left(self._now, self.decay)
@@ -180,9 +213,14 @@ class ScyllaPolicy:
         return (weight * mean + PRIOR_REQUESTS * total) / (weight + PRIOR_REQUESTS)
 
     def expected_seconds(self, depth: int, k: int, batch: int, draw: float | None = None) -> float | None:
-        """An arm's step time: its timings' mean, or ``draw`` standard errors from it (a number: that many;
-        ``math.nan``: a random draw); from the cost fit where it has none; None where it cannot tell."""
-        seen = self._steps.get((depth, k, batch))
+        """A step's time where every request drafts ``depth`` tokens per chain (see ``_seconds``)."""
+        return self._seconds(batch * depth, k, depth, batch, draw)
+
+    def _seconds(self, drafted: int, k: int, deepest: int, batch: int, draw: float | None) -> float | None:
+        """A step's time with ``drafted`` draft tokens per chain over its requests, ``deepest`` at most per
+        request: the mean of the steps timed so, or ``draw`` standard errors from it (a number: that
+        many; ``math.nan``: a random draw); from the cost fit where none was; None where it cannot tell."""
+        seen = self._steps.get((drafted, k, batch))
         if seen is not None:
             mean = seen.mean
             if draw is None:
@@ -191,84 +229,138 @@ class ScyllaPolicy:
             return max(mean + spread * seen.error(self._now, self.decay, (TIME_NOISE * mean) ** 2), TIME_FLOOR * mean)
         if self.cost.seen < 8:
             return None
-        return float(np.dot(self.cost.coef(), self._cost_row(depth, k, batch)))
+        return float(np.dot(self.cost.coef(), self._cost_row(drafted, deepest, k, batch)))
 
     @staticmethod
-    def _cost_row(depth: int, k: int, batch: int) -> list[float]:
+    def _cost_row(drafted: int, deepest: int, k: int, batch: int) -> list[float]:
         # in vLLM, k >= 2 chains are scored in a pass of fastctx's before the engine's: a cost of its own
-        return [1.0, batch * (k * depth + 1), depth, depth * batch * k, float(k > 1)]
+        return [1.0, batch + k * drafted, deepest, k * drafted, float(k > 1)]
 
     def choose(self, batch: int) -> tuple[int, int]:
-        """(speculation depth, chain count) for the next step of ``batch`` requests."""
+        """(speculation depth, chain count) for the next step of ``batch`` requests, none known to be
+        copying."""
+        plan = self.plan(batch)
+        return plan.depth, plan.chains
+
+    def plan(self, batch: int, copying: int = 0) -> Plan:
+        """The next step's arm for ``batch`` requests, ``copying`` of them copying."""
+        if not 0 <= copying <= batch:
+            raise ValueError(f"scylla plan: {copying} of {batch} requests copying; give 0 to {batch}")
         depths = sorted(self.depths)
-        arms = [(g, k) for g in depths for k in (self.chains if g else (1,))
+        fits = [(g, k) for g in depths for k in (self.chains if g else (1,))
                 if self.max_drafts is None or g * k <= self.max_drafts]
+        # A request copying drafts at least as deep as one not: its drafts are likelier to stand. Where
+        # every request is in one state, the other's depth is moot and kept equal.
+        arms = [Plan(g, k, gc, copying) for g, k in fits for gc, kc in fits
+                if kc == k and (gc == g if copying in (0, batch) else gc >= g)]
         n = self._chosen.get(batch, 0)
         self._chosen[batch] = n + 1
         spec = [g for g in depths if g]
-        for probe in ((depths[0], 1), (spec[0], min(self.chains)) if spec else (depths[0], 1)):
-            if (probe[0], probe[1], batch) not in self._steps:
-                return probe
+        for g, k in ((depths[0], 1), (spec[0], min(self.chains)) if spec else (depths[0], 1)):
+            if (batch * g, k, batch) not in self._steps:
+                return Plan(g, k, g, copying)
 
-        def rate(arm, accept=None, law=None, draw=None, tokens_draw=None):
-            seconds = self.expected_seconds(arm[0], arm[1], batch, draw)
-            if seconds is None:  # neither seen nor predictable yet
-                return -math.inf
-            return self.expected_tokens(arm[0], arm[1], batch, accept, law, tokens_draw) * batch / max(seconds, 1e-9)
+        def rater(accept=None, law=None, draw=None, tokens_draw=None, optimistic=False):
+            """Tokens per second of an arm under one draw: each (depth, chains, state)'s tokens and each step
+            key's time drawn once for all the arms that share it. ``optimistic``: two standard errors
+            luckier than seen in tokens (every draft accepted where an arm has not run) and step time."""
+            tokens, seconds = {}, {}
 
-        best = max(arms, key=rate)
+            def per_request(g, k, state):
+                if (g, k, state) not in tokens:
+                    if optimistic:
+                        seen = (g, k, batch, state) in self._tokens
+                        tokens[g, k, state] = self.expected_tokens(g, k, batch, None if seen else MAX_ACCEPT,
+                                                                   draw=2.0 if seen else None, copying=state)
+                    else:
+                        tokens[g, k, state] = self.expected_tokens(g, k, batch, accept, law, tokens_draw, state)
+                return tokens[g, k, state]
+
+            def rate(arm):
+                key = arm.drafted(batch), arm.chains
+                if key not in seconds:
+                    seconds[key] = self._seconds(*key, arm.deepest(), batch, -2.0 if optimistic else draw)
+                if seconds[key] is None:  # neither seen nor predictable yet
+                    return -math.inf
+                total = ((batch - copying) * per_request(arm.depth, arm.chains, False) if copying < batch else 0.0) \
+                    + (copying * per_request(arm.depth_copying, arm.chains, True) if copying else 0.0)
+                return total / max(seconds[key], 1e-9)
+
+            return rate
+
+        best = max(arms, key=rater())
         if not self.explore:
             return best
-        bar = rate(best)
+        bar = rater()(best)
+        lucky = rater(optimistic=True)
+        at = depths.index
 
-        def could_win(arm):
-            """Two standard errors luckier than seen in tokens (every draft accepted where it has not run)
-            and in step time."""
-            if (arm[0], arm[1], batch) in self._tokens:
-                return rate(arm, draw=-2.0, tokens_draw=2.0) > bar
-            return rate(arm, MAX_ACCEPT, draw=-2.0) > bar
+        def next_to(a):
+            """A depth or two (one per state) an index up or down at the same chains or one chain, or the
+            same depths at twice or half the chains."""
+            moved = max(abs(at(a.depth) - at(best.depth)), abs(at(a.depth_copying) - at(best.depth_copying)))
+            return (moved == 1 and a.chains in (best.chains, 1)) or (
+                moved == 0 and a.chains in (2 * best.chains, best.chains // 2))
 
-        depth_at = depths.index(best[0])
-        near = [a for a in arms if a != best and ((abs(depths.index(a[0]) - depth_at) == 1 and a[1] in (best[1], 1))
-                                                  or (a[0] == best[0] and a[1] in (2 * best[1], best[1] // 2)))]
-        near = [a for a in near if could_win(a) or self.expected_seconds(a[0], a[1], batch) is None]
+        near = [a for a in arms if a != best and next_to(a)]
+        near = [a for a in near if lucky(a) > bar or self._seconds(a.drafted(batch), a.chains, 0, batch, None) is None]
         if self._rng.random() < self.explore / (1 + n / 20) and near:
             return self._rng.choice(near)
         # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
         # law drawn from the fit's posterior and step times drawn around their means, so what was seen on
         # few or long-past steps (a short request, a new batch size, a busy moment) is tried again, and
         # what was seen on many settles.
-        timed = [a for a in arms if (a[0], a[1], batch) in self._steps and (a == best or could_win(a))]
+        timed = [a for a in arms if (a.drafted(batch), a.chains, batch) in self._steps
+                 and (a == best or lucky(a) > bar)]
         law = self.acceptance.sample(self._law_rng, ACCEPT_VARIANCE)
-        return max(dict.fromkeys([best, *timed, *near]),
-                   key=lambda a: rate(a, law=law, draw=math.nan, tokens_draw=math.nan))
+        return max(dict.fromkeys([best, *timed, *near]), key=rater(law=law, draw=math.nan, tokens_draw=math.nan))
 
     def observe(self, depth: int, k: int, batch: int, accepted: list[int], seconds: float) -> None:
-        """One step: how many draft tokens each request accepted, and the step's wall time."""
+        """One step in which every request drafted ``depth`` tokens per chain: how many each accepted, and
+        the step's wall time."""
+        self.observe_plan(Plan(depth, k, depth), batch, accepted, seconds)
+
+    def observe_plan(self, plan: Plan, batch: int, accepted: list[int], seconds: float,
+                     copying: list[bool] | None = None) -> None:
+        """One step run by ``plan``: how many draft tokens each request accepted (the requests verified;
+        ``batch`` were in the step), whether each was copying when the plan was made (default: none),
+        and the step's wall time."""
+        copying = copying or [False] * len(accepted)
+        if len(copying) != len(accepted):
+            raise ValueError(f"scylla observe: {len(accepted)} requests' accepted drafts but {len(copying)} "
+                             "copying flags; give one per request")
         rows, ys = [], []
-        for a in accepted:
-            for t in range(1, min(a + 1, depth) + 1):
-                rows.append(_law_row(k, batch, t))
+        for a, c in zip(accepted, copying):
+            for t in range(1, min(a + 1, plan.depth_of(c)) + 1):
+                rows.append(_law_row(plan.chains, batch, t, c))
                 ys.append(1.0 if t <= a else 0.0)
         if rows:
             self.acceptance.add(np.array(rows), np.array(ys))
-        self.cost.add(np.array([self._cost_row(depth, k, batch)]), np.array([seconds]))
+        drafted = plan.drafted(batch)
+        self.cost.add(np.array([self._cost_row(drafted, plan.deepest(), plan.chains, batch)]), np.array([seconds]))
         self._now += 1
-        self._steps.setdefault((depth, k, batch), FadedSamples()).add(seconds, self._now, self.decay)
-        for a in accepted:
-            self._tokens.setdefault((depth, k, batch), FadedSamples()).add(1.0 + min(a, depth), self._now, self.decay)
+        self._steps.setdefault((drafted, plan.chains, batch), FadedSamples()).add(seconds, self._now, self.decay)
+        for a, c in zip(accepted, copying):
+            depth = plan.depth_of(c)
+            self._tokens.setdefault((depth, plan.chains, batch, bool(c)), FadedSamples()).add(
+                1.0 + min(a, depth), self._now, self.decay)
 
     def law(self) -> dict:
         th = self.acceptance.coef()
         c = self.cost.coef()
         th, c = [float(x) for x in th], [float(x) for x in c]  # plain floats: the law crosses RPCs as msgpack
-        return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3]},
+        batches = sorted({key[2] for key in self._tokens} | {key[2] for key in self._steps})
+        return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3],
+                               "copying": th[4]},
                 "step_seconds": {"fixed": c[0], "per_target_token": c[1], "per_draft_step": c[2],
                                  "per_draft_token": c[3], "two_or_more_chains": c[4]},
                 "observations": int(self.acceptance.seen),
-                # per batch size, each arm's mean step time, tokens per request, and the (faded) steps behind them
-                "arms": {f"b{b}": {f"d{g}k{k}": {"seconds": t.mean, "steps": t.weight,
-                                                 "tokens": self._tokens[g, k, bb].mean if (g, k, bb) in self._tokens
-                                                 else None}
-                                   for (g, k, bb), t in sorted(self._steps.items()) if bb == b}
-                         for b in sorted({key[2] for key in self._steps})}}
+                # per batch size, the mean step time and (faded) steps behind it per draft tokens over the
+                # step's requests and chains (D8k1: eight draft tokens in all, one chain each), and per
+                # depth and chains the tokens per request it gave requests not copying and copying
+                "steps": {f"b{b}": {f"D{d}k{k}": {"seconds": t.mean, "steps": t.weight}
+                                    for (d, k, bb), t in sorted(self._steps.items()) if bb == b} for b in batches},
+                "arms": {f"b{b}": {f"d{g}k{k}": {name: self._tokens[g, k, b, c].mean if (g, k, b, c) in self._tokens
+                                                 else None for name, c in (("tokens", False), ("tokens_copying", True))}
+                                   for g, k in sorted({(g, k) for g, k, bb, _ in self._tokens if bb == b})}
+                         for b in batches}}

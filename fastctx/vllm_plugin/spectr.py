@@ -40,6 +40,7 @@ from vllm.logger import init_logger
 
 from fastctx.methods.base import KnobError
 from fastctx.specdec.params import CONFIG_KEY, SpecTrParams
+from fastctx.specdec.scylla import Plan
 
 logger = init_logger("vllm.fastctx.spectr")
 
@@ -136,7 +137,7 @@ class SpecTrProposer:
 
             self.table = build_dynamic_sd_schedule_lookup(schedule, vllm_config.scheduler_config.max_num_seqs,
                                                           vllm_config.speculative_config.num_speculative_tokens)
-        self._last_step = None  # (depth, chains, request ids, started) of a step Scylla has yet to time
+        self._last_step = None  # (plan, request ids, started, id -> copying) of a step Scylla has yet to time
         self.arms: dict[str, int] = {}
         self.runner = None
         self._target = None
@@ -185,10 +186,11 @@ class SpecTrProposer:
         if self._last_step is not None:
             # A step's time runs from one proposal to the next (ours and vLLM's pass); it is a decode step's
             # only if the same requests went on (no prefill joined, no idle gap between generate calls).
-            depth, k, last_ids, started = self._last_step
-            if last_ids == ids:
-                self.policy.observe(depth, k, len(ids), list(self.accepted.values()) or [0] * len(ids),
-                                    now - started)
+            plan, last_ids, started, copying = self._last_step
+            if last_ids == ids:  # requests that drafted nothing accepted nothing; vLLM verified the others'
+                verified = [r for r in copying if r in self.accepted or not plan.depth_of(copying[r])]
+                self.policy.observe_plan(plan, len(ids), [self.accepted.get(r, 0) for r in verified], now - started,
+                                         [copying[r] for r in verified])
             self._last_step = None
         self.accepted.clear()
         if not eligible:
@@ -196,23 +198,38 @@ class SpecTrProposer:
         # Requests that name their own arm run it; the engine's schedule (Scylla's or vLLM's table) picks
         # for the rest. Scylla times only the steps it picked for every request.
         scheduled = [e for e in eligible if e[3] is None]
-        step_arm = self.policy.choose(len(eligible)) if self.policy and scheduled else None
+        plan, copying = None, {}
+        if self.policy and scheduled:  # Scylla drafts deeper for the requests that are copying
+            copying = {req_id: self._draft(req_id).copying(self._tokens(row, token_ids_cpu, num_tokens_no_spec))
+                       for row, req_id, *_ in scheduled}
+            plan = self.policy.plan(len(eligible), sum(copying.values()))
         if self.table is not None:  # indexed like vLLM's scheduler: by the step's number of requests
-            step_arm = (min(self.table[min(len(sampled_token_ids), len(self.table) - 1)], self.depth),
-                        self.params.chains)
+            depth = min(self.table[min(len(sampled_token_ids), len(self.table) - 1)], self.depth)
+            plan = Plan(depth, self.params.chains, depth, sum(copying.values()))
+        plan = plan or Plan(self.depth, self.params.chains, self.depth)
         work = []
         for row, req_id, temperature, arm in eligible:
-            depth, k = arm or step_arm or (self.depth, self.params.chains)
+            depth, k = arm or (plan.depth_of(copying.get(req_id, False)), plan.chains)
             self.arms[f"d{depth}k{k}"] = self.arms.get(f"d{depth}k{k}", 0) + 1
             if depth:
-                tokens = token_ids_cpu[row, :int(num_tokens_no_spec[row])].tolist()
+                tokens = self._tokens(row, token_ids_cpu, num_tokens_no_spec)
                 work.append((row, req_id, tokens, 0.0 if temperature < 1e-5 else temperature, depth, k))
         verified = self._verify(work) if work else []
         for (row, *_), tokens in zip(work, verified):
             out[row] = tokens
         if self.policy is not None and len(scheduled) == len(eligible):  # Scylla picked for every request
-            self._last_step = (*step_arm, ids, now)
+            self._last_step = (plan, ids, now, copying)
         return out
+
+    @staticmethod
+    def _tokens(row: int, token_ids_cpu: np.ndarray, num_tokens_no_spec: np.ndarray) -> list[int]:
+        return token_ids_cpu[row, :int(num_tokens_no_spec[row])].tolist()
+
+    def _draft(self, req_id: str):
+        draft = self.drafts.get(req_id)
+        if draft is None:
+            draft = self.drafts[req_id] = self.params.draft(self.vocab)
+        return draft
 
     def _request_arm(self, sp) -> tuple[int, int] | None:
         """(depth, chains) a request asks for with ``extra_args={"spectr": {"depth", "chains"}}`` within the
@@ -249,9 +266,7 @@ class SpecTrProposer:
 
         out, ahead, batch = [], [], []
         for row, req_id, tokens, temperature, depth, k in work:
-            draft = self.drafts.get(req_id)
-            if draft is None:
-                draft = self.drafts[req_id] = self.params.draft(self.vocab)
+            draft = self._draft(req_id)
             # temperature 0 (vLLM samples greedily below 1e-5): chains from one distribution are all alike
             k = k if temperature else 1
             drafts, p = draft.propose(tokens, k, depth, temperature, self.gen)
