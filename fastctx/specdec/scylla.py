@@ -150,6 +150,10 @@ class Plan(NamedTuple):
         """Draft tokens per chain over the step's requests: what its time is keyed by."""
         return (batch - self.copying) * self.depth + self.copying * self.depth_copying
 
+    def step_key(self, batch: int) -> tuple[int, int, int]:
+        """What the policy times a step by: (draft tokens per chain over its requests, chains, batch)."""
+        return self.drafted(batch), self.chains, batch
+
 
 @dataclass
 class ScyllaPolicy:
@@ -257,8 +261,9 @@ class ScyllaPolicy:
         self._chosen[batch] = n + 1
         spec = [g for g in depths if g]
         for g, k in ((depths[0], 1), (spec[0], min(self.chains)) if spec else (depths[0], 1)):
-            if (batch * g, k, batch) not in self._steps:
-                return Plan(g, k, g, copying)
+            probe = Plan(g, k, g, copying)
+            if probe.step_key(batch) not in self._steps:
+                return probe
 
         def rater(accept=None, law=None, draw=None, tokens_draw=None, optimistic=False):
             """Tokens per second of an arm under one draw: each (depth, chains, state)'s tokens and each step
@@ -310,8 +315,7 @@ class ScyllaPolicy:
         # law drawn from the fit's posterior and step times drawn around their means, so what was seen on
         # few or long-past steps (a short request, a new batch size, a busy moment) is tried again, and
         # what was seen on many settles.
-        timed = [a for a in arms if (a.drafted(batch), a.chains, batch) in self._steps
-                 and (a == best or lucky(a) > bar)]
+        timed = [a for a in arms if a.step_key(batch) in self._steps and (a == best or lucky(a) > bar)]
         law = self.acceptance.sample(self._law_rng, ACCEPT_VARIANCE)
         return max(dict.fromkeys([best, *timed, *near]), key=rater(law=law, draw=math.nan, tokens_draw=math.nan))
 
@@ -336,10 +340,10 @@ class ScyllaPolicy:
                 ys.append(1.0 if t <= a else 0.0)
         if rows:
             self.acceptance.add(np.array(rows), np.array(ys))
-        drafted = plan.drafted(batch)
-        self.cost.add(np.array([self._cost_row(drafted, plan.deepest(), plan.chains, batch)]), np.array([seconds]))
+        self.cost.add(np.array([self._cost_row(plan.drafted(batch), plan.deepest(), plan.chains, batch)]),
+                      np.array([seconds]))
         self._now += 1
-        self._steps.setdefault((drafted, plan.chains, batch), FadedSamples()).add(seconds, self._now, self.decay)
+        self._steps.setdefault(plan.step_key(batch), FadedSamples()).add(seconds, self._now, self.decay)
         for a, c in zip(accepted, copying):
             depth = plan.depth_of(c)
             self._tokens.setdefault((depth, plan.chains, batch, bool(c)), FadedSamples()).add(
