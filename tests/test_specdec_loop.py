@@ -115,16 +115,19 @@ def simulate(policy: ScyllaPolicy, steps: int, batch: int, rng: random.Random, d
                        0.010 + 0.001 * batch * (depth + 1) + draft_s * depth)
 
 
-def best_arm(batch: int, depths) -> int:
+def simulated_tokens_per_s(batch: int, depth: int) -> float:
+    """What ``simulate`` yields per second at ``depth``, in expectation."""
     rate = 0.9 - 0.1 * math.log(batch)
+    return batch * (1 - rate ** (depth + 1)) / (1 - rate) / (0.010 + 0.001 * batch * (depth + 1) + 0.002 * depth)
 
-    def tps(g):
-        return batch * (1 - rate ** (g + 1)) / (1 - rate) / (0.010 + 0.001 * batch * (g + 1) + 0.002 * g)
 
-    return max(depths, key=tps)
+def best_arm(batch: int, depths) -> int:
+    return max(depths, key=lambda g: simulated_tokens_per_s(batch, g))
 
 
 def test_scylla_fits_the_acceptance_law_and_picks_the_best_length_per_batch_size():
+    """At batch 1 depths 4 and 6 are 1% apart, closer than 600 steps of acceptances tell (over eight
+    seeds the policy settles on either): it must pick a length within 2% of the best."""
     depths = (1, 2, 3, 4, 6, 8)
     policy = ScyllaPolicy(depths=depths, chains=(1,), explore=0.2, decay=1.0, seed=0)
     rng = random.Random(0)
@@ -134,9 +137,11 @@ def test_scylla_fits_the_acceptance_law_and_picks_the_best_length_per_batch_size
     for batch in (1, 8):
         assert policy.accept_rate(1, batch, 2) == pytest.approx(0.9 - 0.1 * math.log(batch), abs=0.05)
     policy.explore = 0.0
-    for batch in (1, 8):
-        assert policy.choose(batch)[0] == best_arm(batch, depths)
-    assert best_arm(1, depths) > best_arm(8, depths)  # the law makes the choice move with load
+    chosen = {batch: policy.choose(batch)[0] for batch in (1, 8)}
+    for batch, depth in chosen.items():
+        best = best_arm(batch, depths)
+        assert simulated_tokens_per_s(batch, depth) >= 0.98 * simulated_tokens_per_s(batch, best), (batch, depth)
+    assert chosen[1] > chosen[8] and best_arm(1, depths) > best_arm(8, depths)  # the choice moves with load
 
 
 def test_scylla_stops_speculating_where_drafting_costs_more_than_it_saves():

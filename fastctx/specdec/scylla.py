@@ -18,9 +18,13 @@ the others, and a chain count to both: one depth for a whole batch drafts deep f
 where a few copy, or shallow for the ones that do. A step's time is the mean of the steps seen with
 the same draft tokens over the step's requests, chains and batch size, forgotten with every step
 the policy takes (so an arm timed long ago, or on a host that has since sped up or slowed down, is
-known less well), and for a combination not seen yet the linear fit ``T = c0 + c1 * target_tokens
-+ c2 * deepest_draft + c3 * draft_tokens + s * [k >= 2]`` (s: what two or more chains cost beyond
-their tokens; in vLLM a scoring pass of fastctx's before the engine's). A request drafting depth g
+known less well), averaged with the linear fit ``T = c0 + c1 * target_tokens + c2 * deepest_draft
++ c3 * draft_tokens + s * [k >= 2] + v * [any draft]`` over every step (s: what two or more chains
+cost beyond their tokens, in vLLM a scoring pass of fastctx's before the engine's; v: the engine's
+verification once anything is drafted). The fit counts as the steps its other keys are worth at
+that point (``OnlineLeastSquares.support``): a batch size's pair of depths seen a few times, or
+long ago, is timed mostly by its neighbours, while a key the fit places by its own steps alone (no
+drafts) keeps its own mean; a combination not seen yet is timed by the fit. A request drafting depth g
 with k chains yields ``1 + sum_{t<=g} prod_{j<=t} a(k, b, j, c)`` tokens in expectation by the law;
 where the (g, k) has run at this batch size, that prediction is averaged with the tokens its
 requests in the same state got, the law counting as ``PRIOR_REQUESTS`` of them, so an arm run
@@ -67,6 +71,7 @@ class OnlineLeastSquares:
         self.xty = np.zeros(n)
         self.seen = 0
         self._coef = None  # solved once per change: a policy's choice reads it for every arm and depth
+        self._inverse = None
 
     def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
         self.xtx *= self.decay
@@ -74,12 +79,20 @@ class OnlineLeastSquares:
         self.xtx += rows.T @ rows
         self.xty += rows.T @ targets
         self.seen += len(targets)
-        self._coef = None
+        self._coef = self._inverse = None
 
     def sample(self, rng: np.random.Generator, variance: float) -> np.ndarray:
         """Coefficients drawn from the fit's Gaussian posterior (noise ``variance`` per observation)."""
         a = self.xtx + self.ridge * np.eye(len(self.prior))
         return rng.multivariate_normal(self.coef(), variance * np.linalg.inv(a), method="cholesky")
+
+    def support(self, row: list[float]) -> float:
+        """How many observations the fit's prediction at ``row`` is worth: the noise variance over the
+        prediction's (``1 / row' A^-1 row``); few where the rows seen say little about it."""
+        if self._inverse is None:
+            self._inverse = np.linalg.inv(self.xtx + self.ridge * np.eye(len(self.prior)))
+        x = np.asarray(row)
+        return 1.0 / max(float(x @ self._inverse @ x), 1e-12)
 
     def coef(self) -> np.ndarray:
         if self._coef is None:
@@ -181,7 +194,7 @@ class ScyllaPolicy:
             raise ValueError(f"scylla max_drafts={self.max_drafts}: no depth in {self.depths} with "
                              f"{min(self.chains)} chain(s) fits; allow more draft tokens or shorter depths")
         self.acceptance = OnlineLeastSquares([self.prior_acceptance, 0, 0, 0, 0], self.decay)
-        self.cost = OnlineLeastSquares([0, 0, 0, 0, 0], self.decay, ridge=1e-6)
+        self.cost = OnlineLeastSquares([0] * 6, self.decay, ridge=1e-6)
         self._rng = random.Random(self.seed)
         self._law_rng = np.random.default_rng(self.seed)
         # (draft tokens per chain over the step's requests, k, batch) -> its step times
@@ -225,20 +238,27 @@ class ScyllaPolicy:
         request: the mean of the steps timed so, or ``draw`` standard errors from it (a number: that
         many; ``math.nan``: a random draw); from the cost fit where none was; None where it cannot tell."""
         seen = self._steps.get((drafted, k, batch))
-        if seen is not None:
-            mean = seen.mean
-            if draw is None:
-                return mean
-            spread = self._law_rng.standard_normal() if math.isnan(draw) else draw
-            return max(mean + spread * seen.error(self._now, self.decay, (TIME_NOISE * mean) ** 2), TIME_FLOOR * mean)
-        if self.cost.seen < 8:
-            return None
-        return float(np.dot(self.cost.coef(), self._cost_row(drafted, deepest, k, batch)))
+        row = self._cost_row(drafted, deepest, k, batch)
+        fit = float(np.dot(self.cost.coef(), row)) if self.cost.seen >= 8 else None
+        if seen is None:
+            return fit
+        mean, weight = seen.mean, seen.left(self._now, self.decay)
+        # the fit's word on this key beyond the key's own steps (which the fit holds too): what the other
+        # keys tell of it, nothing where its own steps alone place it (a term of its own, e.g. no drafts)
+        others = max(self.cost.support(row) - weight, 0.0) if fit is not None else 0.0
+        share = weight / (weight + others)
+        error = seen.error(self._now, self.decay, (TIME_NOISE * mean) ** 2) * math.sqrt(share)
+        mean = share * mean + (1 - share) * (fit or 0.0)
+        if draw is None:
+            return mean
+        spread = self._law_rng.standard_normal() if math.isnan(draw) else draw
+        return max(mean + spread * error, TIME_FLOOR * mean)
 
     @staticmethod
     def _cost_row(drafted: int, deepest: int, k: int, batch: int) -> list[float]:
-        # in vLLM, k >= 2 chains are scored in a pass of fastctx's before the engine's: a cost of its own
-        return [1.0, batch + k * drafted, deepest, k * drafted, float(k > 1)]
+        # in vLLM, k >= 2 chains are scored in a pass of fastctx's before the engine's, and a step with any
+        # draft runs the engine's rejection sampler: costs of their own
+        return [1.0, batch + k * drafted, deepest, k * drafted, float(k > 1), float(drafted > 0)]
 
     def choose(self, batch: int) -> tuple[int, int]:
         """(speculation depth, chain count) for the next step of ``batch`` requests, none known to be
@@ -357,7 +377,7 @@ class ScyllaPolicy:
         return {"acceptance": {"intercept": th[0], "ln_chains": th[1], "ln_batch": th[2], "ln_depth": th[3],
                                "copying": th[4]},
                 "step_seconds": {"fixed": c[0], "per_target_token": c[1], "per_draft_step": c[2],
-                                 "per_draft_token": c[3], "two_or_more_chains": c[4]},
+                                 "per_draft_token": c[3], "two_or_more_chains": c[4], "any_draft": c[5]},
                 "observations": int(self.acceptance.seen),
                 # per batch size, the mean step time and (faded) steps behind it per draft tokens over the
                 # step's requests and chains (D8k1: eight draft tokens in all, one chain each), and per
