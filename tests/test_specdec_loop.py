@@ -226,6 +226,26 @@ def test_scylla_tries_again_an_arm_timed_while_the_host_was_busy():
         assert sum(1 for depth, _ in runs[300:] if depth == 0) >= 160, (seed, runs[300:])
 
 
+def test_scylla_times_a_key_seen_once_by_its_neighbours():
+    """A step key timed once, while the host was busy (2x), among keys that follow one line: its time is
+    mostly the cost fit's, which the other keys place; a key with a term of its own (no drafts) keeps
+    its own mean, since no other key says anything about it."""
+    policy = ScyllaPolicy(depths=tuple(range(5)), seed=0)
+
+    def cost(drafted):
+        return 0.050 + 0.005 * (drafted > 0) + 0.004 * drafted
+
+    for _ in range(20):  # every key but 3 draft tokens, one request copying, at batch 2
+        for depth, deeper in ((0, 0), (0, 1), (1, 1), (0, 2), (2, 2), (1, 3), (0, 4), (1, 4), (2, 4), (4, 4)):
+            policy.observe_plan(Plan(depth, 1, deeper, copying=1), 2, [0, 0], cost(depth + deeper), [False, True])
+    policy.observe_plan(Plan(1, 1, 2, copying=1), 2, [0, 0], 2 * cost(3), [False, True])  # 3 draft tokens
+    busy = policy._seconds(3, 1, 2, 2, None)
+    assert abs(busy - cost(3)) < 0.1 * cost(3), busy  # its own mean alone: 2x
+    assert policy._steps[3, 1, 2].mean == pytest.approx(2 * cost(3))
+    policy.observe_plan(Plan(0, 1, 0), 2, [0, 0], 0.080)  # no drafts, timed busy once more
+    assert policy._seconds(0, 1, 0, 2, None) == pytest.approx(policy._steps[0, 1, 2].mean)
+
+
 def test_scylla_arm_times_survive_a_long_absence():
     """A server's batch size not seen for 200K steps: its arms' weights fade below floats, not to an error."""
     policy = ScyllaPolicy(depths=(0, 1), seed=0)

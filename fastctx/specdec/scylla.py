@@ -235,8 +235,9 @@ class ScyllaPolicy:
 
     def _seconds(self, drafted: int, k: int, deepest: int, batch: int, draw: float | None) -> float | None:
         """A step's time with ``drafted`` draft tokens per chain over its requests, ``deepest`` at most per
-        request: the mean of the steps timed so, or ``draw`` standard errors from it (a number: that
-        many; ``math.nan``: a random draw); from the cost fit where none was; None where it cannot tell."""
+        request: the mean of the steps timed so averaged with the cost fit (which counts as what the other
+        keys tell of this one), or ``draw`` standard errors from it (a number: that many; ``math.nan``: a
+        random draw); from the cost fit where none was; None where it cannot tell."""
         seen = self._steps.get((drafted, k, batch))
         row = self._cost_row(drafted, deepest, k, batch)
         fit = float(np.dot(self.cost.coef(), row)) if self.cost.seen >= 8 else None
