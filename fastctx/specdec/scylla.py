@@ -83,16 +83,19 @@ class OnlineLeastSquares:
 
     def sample(self, rng: np.random.Generator, variance: float) -> np.ndarray:
         """Coefficients drawn from the fit's Gaussian posterior (noise ``variance`` per observation)."""
-        a = self.xtx + self.ridge * np.eye(len(self.prior))
-        return rng.multivariate_normal(self.coef(), variance * np.linalg.inv(a), method="cholesky")
+        return rng.multivariate_normal(self.coef(), variance * self._inverse_gram(), method="cholesky")
 
     def support(self, row: list[float]) -> float:
         """How many observations the fit's prediction at ``row`` is worth: the noise variance over the
         prediction's (``1 / row' A^-1 row``); few where the rows seen say little about it."""
+        x = np.asarray(row)
+        return 1.0 / max(float(x @ self._inverse_gram() @ x), 1e-12)
+
+    def _inverse_gram(self) -> np.ndarray:
+        """``A^-1``, ``A = X'WX + ridge I``: the posterior covariance per unit noise variance."""
         if self._inverse is None:
             self._inverse = np.linalg.inv(self.xtx + self.ridge * np.eye(len(self.prior)))
-        x = np.asarray(row)
-        return 1.0 / max(float(x @ self._inverse @ x), 1e-12)
+        return self._inverse
 
     def coef(self) -> np.ndarray:
         if self._coef is None:
@@ -329,7 +332,8 @@ class ScyllaPolicy:
                 moved == 0 and a.chains in (2 * best.chains, best.chains // 2))
 
         near = [a for a in arms if a != best and next_to(a)]
-        near = [a for a in near if lucky(a) > bar or self._seconds(a.drafted(batch), a.chains, 0, batch, None) is None]
+        # kept: arms that could win, and arms whose step time cannot be told yet (rated -inf)
+        near = [a for a in near if (r := lucky(a)) > bar or r == -math.inf]
         if self._rng.random() < self.explore / (1 + n / 20) and near:
             return self._rng.choice(near)
         # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
