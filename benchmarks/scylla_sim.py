@@ -8,7 +8,9 @@ draft's does on copy prompts (round 16: one chain accepts 0.64 per depth while a
 
 No engine runs: this isolates the policy's choices (a minute instead of ``spec_decode.py``'s 35,
 where the host's noise hides differences of a few percent). Scylla and the fixed lengths see the
-same random streams per seed. The last line printed is one JSON object.
+same random streams per seed. Scylla's own wall time per step (choosing and observing) is printed
+beside: what it adds to each real step (vLLM's here take 50-100 ms). The last line printed is one
+JSON object.
 
     python benchmarks/scylla_sim.py --seeds 12
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import time
 
 from fastctx.specdec.scylla import Plan, ScyllaPolicy
 
@@ -43,13 +46,17 @@ def acceptance(copying: bool, chains: int) -> float:
     return one + (1 - one) * one * 0.25 * math.log2(chains)  # more chains, a little more accepted
 
 
-def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: int = 128) -> tuple[int, float]:
-    """Decode ``batch`` requests to ``new_tokens`` each (the batch shrinks as they finish)."""
+def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: int = 128,
+              own: list | None = None) -> tuple[int, float]:
+    """Decode ``batch`` requests to ``new_tokens`` each (the batch shrinks as they finish); ``own``
+    gathers the policy's own wall time per step (plan and observe)."""
     done, copying, tokens, seconds = [0] * batch, [False] * batch, 0, 0.0
     while any(d < new_tokens for d in done):
         live = [i for i in range(batch) if done[i] < new_tokens]
         states = [copying[i] for i in live]
+        started = time.perf_counter()
         plan = policy.plan(len(live), sum(states))
+        planned = time.perf_counter() - started
         depths = [plan.depth_of(c) for c in states]
         drafted = plan.chains * sum(depths)
         spent = (0.047 + 0.0046 * len(live) + 0.005 * (drafted > 0) + 0.004 * drafted ** 0.85
@@ -60,7 +67,10 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
             while a < g and rng.random() < acceptance(c, plan.chains):
                 a += 1
             accepted.append(a)
+        started = time.perf_counter()
         policy.observe_plan(plan, len(live), accepted, spent, states)
+        if own is not None:
+            own.append(planned + time.perf_counter() - started)
         for i, a in zip(live, accepted):
             got = min(1 + a, new_tokens - done[i])
             done[i], tokens = done[i] + got, tokens + got
@@ -69,15 +79,17 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
     return tokens, seconds
 
 
-def second_pass(make, seed: int, drift: float) -> dict[int, float]:
-    """Tokens per second per batch size on the second of two passes."""
+def second_pass(make, seed: int, drift: float, own: dict | None = None) -> dict[int, float]:
+    """Tokens per second per batch size on the second of two passes (``own``: per batch size, the
+    policy's wall time per step)."""
     rng, host = random.Random(seed), random.Random(seed + 1000)
     policy, out = make(), {}
     for scored in (False, True):
         for b in BATCHES:
             tokens = seconds = 0.0
             for _ in range(8 // b):
-                t, s = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift))
+                t, s = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift),
+                                 own=None if own is None else own.setdefault(b, []))
                 tokens, seconds = tokens + t, seconds + s
             if scored:
                 out[b] = tokens / seconds
@@ -93,7 +105,8 @@ def main() -> None:
     seeds = range(args.seeds)
     depths = tuple(range(args.max_depth + 1))
     fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift) for s in seeds] for g in depths}
-    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s), s, args.drift)
+    own: dict[int, list[float]] = {}  # batch -> Scylla's own wall time per step (both passes)
+    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s), s, args.drift, own)
               for s in seeds]
 
     def mean(runs, b):
@@ -104,11 +117,12 @@ def main() -> None:
         best = max(depths, key=lambda g: mean(fixed[g], b))
         ratio = mean(scylla, b) / mean(fixed[best], b)
         worst = min(s[b] / f[b] for s, f in zip(scylla, fixed[best]))
+        policy_ms = 1000 * sum(own[b]) / len(own[b])
         result["per_batch"][b] = {"best_fixed_depth": best, "tokens_per_s_best_fixed": mean(fixed[best], b),
                                   "tokens_per_s_scylla": mean(scylla, b), "scylla_vs_best_fixed": ratio,
-                                  "scylla_vs_best_fixed_worst_seed": worst}
+                                  "scylla_vs_best_fixed_worst_seed": worst, "policy_ms_per_step": policy_ms}
         print(f"b{b}: best fixed depth {best} {mean(fixed[best], b):6.2f} tok/s, Scylla {mean(scylla, b):6.2f} "
-              f"({ratio:.3f}x; worst seed {worst:.3f}x)", flush=True)
+              f"({ratio:.3f}x; worst seed {worst:.3f}x); Scylla's own time {policy_ms:.2f} ms a step", flush=True)
     result["scylla_vs_best_fixed_min"] = min(v["scylla_vs_best_fixed"] for v in result["per_batch"].values())
     print(json.dumps(result))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,6 +351,24 @@ def test_scylla_drafts_deeper_for_a_copying_request(batch, gain):
     policy.explore = 0.0
     copying = policy.plan(batch, max(batch // 2, 1))  # at batch 1, the one request copies or does not
     assert copying.depth_copying >= policy.plan(batch, batch // 2).depth + 2, copying
+
+
+def test_scylla_law_tokens_are_the_laws_expected_tokens_per_depth():
+    """The choice reads the law in plain floats, once per chain count and state: the same numbers as the
+    law's row product, and the same expected tokens as a depth's own sum."""
+    policy = ScyllaPolicy(depths=tuple(range(6)), chains=(1, 2), seed=0)
+    simulate(policy, 60, 2, random.Random(0))
+    coef = policy.acceptance.coef()
+    for k, batch, copying in ((1, 2, False), (2, 3, True)):
+        rates = [float(np.clip(coef @ [1, math.log(k), math.log(batch), math.log(t), copying], 0.01, 0.99))
+                 for t in range(1, 6)]
+        assert [policy.accept_rate(k, batch, t, copying=copying) for t in range(1, 6)] == pytest.approx(rates)
+        by_law = [1 + sum(math.prod(rates[:t]) for t in range(1, g + 1)) for g in range(6)]
+        assert policy.law_tokens(k, batch, copying) == pytest.approx(by_law)
+        assert policy.law_tokens(k, batch, copying, rate=0.5)[3] == pytest.approx(1.875)
+        unseen = 5 if k == 1 else 1  # no step at batch 3, none at depth 5 on 60 steps of batch 2 with 1 chain
+        assert (unseen, k, batch, copying) not in policy._tokens
+        assert policy.expected_tokens(unseen, k, batch, copying=copying) == pytest.approx(by_law[unseen])
 
 
 def test_scylla_plan_keys_a_step_by_its_draft_tokens_and_checks_the_copying_count():

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -71,6 +72,7 @@ class OnlineLeastSquares:
         self.xty = np.zeros(n)
         self.seen = 0
         self._coef = None  # solved once per change: a policy's choice reads it for every arm and depth
+        self._coef_list = None
         self._inverse = None
 
     def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
@@ -79,7 +81,7 @@ class OnlineLeastSquares:
         self.xtx += rows.T @ rows
         self.xty += rows.T @ targets
         self.seen += len(targets)
-        self._coef = self._inverse = None
+        self._coef = self._coef_list = self._inverse = None
 
     def sample(self, rng: np.random.Generator, variance: float) -> np.ndarray:
         """Coefficients drawn from the fit's Gaussian posterior (noise ``variance`` per observation)."""
@@ -103,6 +105,12 @@ class OnlineLeastSquares:
             a = self.xtx + self.ridge * np.eye(len(self.prior))
             self._coef = np.linalg.solve(a, self.xty + self.ridge * self.prior)
         return self._coef
+
+    def coef_list(self) -> list[float]:
+        """``coef()`` as plain floats, which Python arithmetic reads faster than numpy scalars."""
+        if self._coef_list is None:
+            self._coef_list = self.coef().tolist()
+        return self._coef_list
 
 
 MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
@@ -207,22 +215,34 @@ class ScyllaPolicy:
         self._chosen: dict[int, int] = {}  # batch -> steps chosen so far
         self._now = 0  # steps observed, the clock arm times fade by
 
-    def accept_rate(self, k: int, batch: int, depth: int, law: np.ndarray | None = None,
+    def accept_rate(self, k: int, batch: int, depth: int, law: Sequence[float] | None = None,
                     copying: bool = False) -> float:
-        law = self.acceptance.coef() if law is None else law
-        return float(np.clip(np.dot(law, _law_row(k, batch, depth, copying)), 0.01, MAX_ACCEPT))
+        # plain floats: with numpy's per-call cost on five-term rows, choosing an arm took 1-2 ms a step
+        th = self.acceptance.coef_list() if law is None else law
+        x = th[0] + th[1] * math.log(k) + th[2] * math.log(batch) + th[3] * math.log(depth) + th[4] * copying
+        return min(max(x, 0.01), MAX_ACCEPT)
+
+    def law_tokens(self, k: int, batch: int, copying: bool = False, law: Sequence[float] | None = None,
+                   rate: float | None = None) -> list[float]:
+        """Tokens per request by the law alone (``rate``: that acceptance at every depth instead) at
+        depths 0 to the deepest, ``1 + sum_{t<=g} prod_{j<=t} a(k, batch, j, copying)`` at depth g."""
+        th = None if rate is not None else self.acceptance.coef_list() if law is None else [float(x) for x in law]
+        out, alive = [1.0], 1.0
+        for t in range(1, max(self.depths) + 1):
+            alive *= rate if th is None else self.accept_rate(k, batch, t, th, copying)
+            out.append(out[-1] + alive)
+        return out
 
     def expected_tokens(self, depth: int, k: int, batch: int, rate: float | None = None,
-                        law: np.ndarray | None = None, draw: float | None = None, copying: bool = False) -> float:
+                        law: Sequence[float] | None = None, draw: float | None = None, copying: bool = False,
+                        by_law: list[float] | None = None) -> float:
         """Tokens per request of a step at ``depth`` for a request copying or not: the law's prediction,
         and where the arm has run at this batch size, the tokens its requests in that state got, the
         law counting as ``PRIOR_REQUESTS`` of them. ``rate`` fixes every depth's acceptance instead (the
         law alone), ``law`` gives the law's coefficients (default: the fit), ``draw`` (a number of
-        standard errors, ``math.nan``: random) moves the arm's own mean."""
-        total, alive = 1.0, 1.0
-        for t in range(1, depth + 1):
-            alive *= self.accept_rate(k, batch, t, law, copying) if rate is None else rate
-            total += alive
+        standard errors, ``math.nan``: random) moves the arm's own mean; ``by_law``: ``law_tokens`` for
+        the same chains, state, law and rate, where the caller has it."""
+        total = (by_law or self.law_tokens(k, batch, copying, law, rate))[depth]
         seen = self._tokens.get((depth, k, batch, copying))
         if rate is not None or seen is None:
             return total
@@ -243,7 +263,7 @@ class ScyllaPolicy:
         random draw); from the cost fit where none was; None where it cannot tell."""
         seen = self._steps.get((drafted, k, batch))
         row = self._cost_row(drafted, deepest, k, batch)
-        fit = float(np.dot(self.cost.coef(), row)) if self.cost.seen >= 8 else None
+        fit = sum(c * x for c, x in zip(self.cost.coef_list(), row)) if self.cost.seen >= 8 else None
         if seen is None:
             return fit
         mean, weight = seen.mean, seen.left(self._now, self.decay)
@@ -289,20 +309,27 @@ class ScyllaPolicy:
             if probe.step_key(batch) not in self._steps:
                 return probe
 
-        def rater(accept=None, law=None, draw=None, tokens_draw=None, optimistic=False):
+        def rater(law=None, draw=None, tokens_draw=None, optimistic=False):
             """Tokens per second of an arm under one draw: each (depth, chains, state)'s tokens and each step
             key's time drawn once for all the arms that share it. ``optimistic``: two standard errors
             luckier than seen in tokens (every draft accepted where an arm has not run) and step time."""
-            tokens, seconds = {}, {}
+            tokens, seconds, by_law = {}, {}, {}
+            law_list = None if law is None else law.tolist()
+
+            def law_tokens(k, state, rate):
+                if (k, state, rate) not in by_law:
+                    by_law[k, state, rate] = self.law_tokens(k, batch, state, law_list, rate)
+                return by_law[k, state, rate]
 
             def per_request(g, k, state):
                 if (g, k, state) not in tokens:
                     if optimistic:
-                        seen = (g, k, batch, state) in self._tokens
-                        tokens[g, k, state] = self.expected_tokens(g, k, batch, None if seen else MAX_ACCEPT,
-                                                                   draw=2.0 if seen else None, copying=state)
+                        rate = None if (g, k, batch, state) in self._tokens else MAX_ACCEPT
+                        tokens[g, k, state] = self.expected_tokens(g, k, batch, rate, draw=None if rate else 2.0,
+                                                                   copying=state, by_law=law_tokens(k, state, rate))
                     else:
-                        tokens[g, k, state] = self.expected_tokens(g, k, batch, accept, law, tokens_draw, state)
+                        tokens[g, k, state] = self.expected_tokens(g, k, batch, None, law_list, tokens_draw, state,
+                                                                   law_tokens(k, state, None))
                 return tokens[g, k, state]
 
             def rate(arm):
