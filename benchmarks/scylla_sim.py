@@ -4,15 +4,22 @@ its size, twice; the second pass is scored) and step costs shaped like vLLM's on
 47 ms + 4.6 ms per request, 5 ms once anything is drafted, 4 ms x draft tokens^0.85, 105 ms for
 fastctx's scoring pass of two or more chains). The draft's acceptance runs in streaks as the n-gram
 draft's does on copy prompts (round 16: one chain accepts 0.64 per depth while a request is copying,
-0.20 otherwise); the host's speed moves by up to ``--drift`` per batch of prompts.
+0.20 otherwise), or with ``--acceptance law`` as the law Scylla fitted in vLLM (round 18, run 2:
+0.15 + 0.19 ln t + 0.32 while copying, at depth t after t - 1 accepted); the host's speed moves by
+up to ``--drift`` per batch of prompts.
 
 No engine runs: this isolates the policy's choices (a minute instead of ``spec_decode.py``'s 35,
 where the host's noise hides differences of a few percent). Scylla and the fixed lengths see the
-same random streams per seed. Scylla's own wall time per step (choosing and observing) is printed
+same random streams per seed. Each batch of prompts runs to its end together, as
+``spec_decode.py``'s do: a request that drafts its way ahead leaves the last steps to fewer
+requests, where a server would give its slot to a waiting one. So beside each policy's tokens per
+second, the rate over the steps where the batch was still full is printed: what it would give a
+server holding that batch size. Scylla's own wall time per step (choosing and observing) is printed
 beside: what it adds to each real step (vLLM's here take 50-100 ms). The last line printed is one
 JSON object.
 
     python benchmarks/scylla_sim.py --seeds 12
+    python benchmarks/scylla_sim.py --seeds 12 --acceptance law
 """
 
 from __future__ import annotations
@@ -41,16 +48,28 @@ class FixedArm:
         pass
 
 
-def acceptance(copying: bool, chains: int) -> float:
-    one = 0.64 if copying else 0.20
+def streaky(copying: bool, depth: int) -> float:
+    return 0.64 if copying else 0.20
+
+
+def vllm_law(copying: bool, depth: int) -> float:
+    return min(max(0.15 + 0.19 * math.log(depth) + 0.32 * copying, 0.01), 0.99)
+
+
+ACCEPTANCE = {"streaky": streaky, "law": vllm_law}
+
+
+def acceptance(copying: bool, chains: int, depth: int = 1, law=streaky) -> float:
+    one = law(copying, depth)
     return one + (1 - one) * one * 0.25 * math.log2(chains)  # more chains, a little more accepted
 
 
 def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: int = 128,
-              own: list | None = None) -> tuple[int, float]:
-    """Decode ``batch`` requests to ``new_tokens`` each (the batch shrinks as they finish); ``own``
-    gathers the policy's own wall time per step (plan and observe)."""
-    done, copying, tokens, seconds = [0] * batch, [False] * batch, 0, 0.0
+              own: list | None = None, law=streaky) -> tuple[int, float, int, float]:
+    """Decode ``batch`` requests to ``new_tokens`` each (the batch shrinks as they finish): tokens and
+    seconds, in all and over the steps with every request still running. ``own`` gathers the policy's
+    own wall time per step (plan and observe)."""
+    done, copying, tokens, seconds, full = [0] * batch, [False] * batch, 0, 0.0, [0, 0.0]
     while any(d < new_tokens for d in done):
         live = [i for i in range(batch) if done[i] < new_tokens]
         states = [copying[i] for i in live]
@@ -64,35 +83,38 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
         accepted = []
         for g, c in zip(depths, states):
             a = 0
-            while a < g and rng.random() < acceptance(c, plan.chains):
+            while a < g and rng.random() < acceptance(c, plan.chains, a + 1, law):
                 a += 1
             accepted.append(a)
         started = time.perf_counter()
         policy.observe_plan(plan, len(live), accepted, spent, states)
         if own is not None:
             own.append(planned + time.perf_counter() - started)
+        step_tokens = 0
         for i, a in zip(live, accepted):
             got = min(1 + a, new_tokens - done[i])
-            done[i], tokens = done[i] + got, tokens + got
+            done[i], step_tokens = done[i] + got, step_tokens + got
             copying[i] = rng.random() < ((0.9 if a else 0.55) if copying[i] else 0.15)
-        seconds += spent
-    return tokens, seconds
+        tokens, seconds = tokens + step_tokens, seconds + spent
+        if len(live) == batch:
+            full = [full[0] + step_tokens, full[1] + spent]
+    return tokens, seconds, *full
 
 
-def second_pass(make, seed: int, drift: float, own: dict | None = None) -> dict[int, float]:
-    """Tokens per second per batch size on the second of two passes (``own``: per batch size, the
-    policy's wall time per step)."""
+def second_pass(make, seed: int, drift: float, own: dict | None = None, law=streaky) -> dict[int, tuple]:
+    """Per batch size, tokens per second on the second of two passes, in all and over the steps with
+    the batch full (``own``: per batch size, the policy's wall time per step)."""
     rng, host = random.Random(seed), random.Random(seed + 1000)
     policy, out = make(), {}
     for scored in (False, True):
         for b in BATCHES:
-            tokens = seconds = 0.0
+            sums = [0.0] * 4
             for _ in range(8 // b):
-                t, s = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift),
-                                 own=None if own is None else own.setdefault(b, []))
-                tokens, seconds = tokens + t, seconds + s
+                run = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift),
+                                own=None if own is None else own.setdefault(b, []), law=law)
+                sums = [x + y for x, y in zip(sums, run)]
             if scored:
-                out[b] = tokens / seconds
+                out[b] = (sums[0] / sums[1], sums[2] / sums[3])
     return out
 
 
@@ -101,28 +123,37 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=12)
     ap.add_argument("--drift", type=float, default=0.2, help="the host's speed moves by up to this share")
     ap.add_argument("--max-depth", type=int, default=7, help="Scylla's depths 0..this (vLLM's: 0..6 + 1)")
+    ap.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="streaky",
+                    help="the draft's acceptance per depth: streaky (0.64 copying, else 0.20) or vLLM's fitted law")
     args = ap.parse_args()
     seeds = range(args.seeds)
     depths = tuple(range(args.max_depth + 1))
-    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift) for s in seeds] for g in depths}
+    law = ACCEPTANCE[args.acceptance]
+    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift, law=law) for s in seeds] for g in depths}
     own: dict[int, list[float]] = {}  # batch -> Scylla's own wall time per step (both passes)
-    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s), s, args.drift, own)
+    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s), s, args.drift, own, law)
               for s in seeds]
 
-    def mean(runs, b):
-        return sum(r[b] for r in runs) / len(runs)
+    def mean(runs, b, full=False):
+        return sum(r[b][full] for r in runs) / len(runs)
 
-    result = {"seeds": args.seeds, "drift": args.drift, "per_batch": {}}
+    result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "per_batch": {}}
     for b in BATCHES:
         best = max(depths, key=lambda g: mean(fixed[g], b))
         ratio = mean(scylla, b) / mean(fixed[best], b)
-        worst = min(s[b] / f[b] for s, f in zip(scylla, fixed[best]))
+        worst = min(s[b][0] / f[b][0] for s, f in zip(scylla, fixed[best]))
+        best_full = max(depths, key=lambda g: mean(fixed[g], b, True))
+        ratio_full = mean(scylla, b, True) / mean(fixed[best_full], b, True)
         policy_ms = 1000 * sum(own[b]) / len(own[b])
         result["per_batch"][b] = {"best_fixed_depth": best, "tokens_per_s_best_fixed": mean(fixed[best], b),
                                   "tokens_per_s_scylla": mean(scylla, b), "scylla_vs_best_fixed": ratio,
-                                  "scylla_vs_best_fixed_worst_seed": worst, "policy_ms_per_step": policy_ms}
+                                  "scylla_vs_best_fixed_worst_seed": worst,
+                                  "best_fixed_depth_batch_full": best_full,
+                                  "scylla_vs_best_fixed_batch_full": ratio_full, "policy_ms_per_step": policy_ms}
         print(f"b{b}: best fixed depth {best} {mean(fixed[best], b):6.2f} tok/s, Scylla {mean(scylla, b):6.2f} "
-              f"({ratio:.3f}x; worst seed {worst:.3f}x); Scylla's own time {policy_ms:.2f} ms a step", flush=True)
+              f"({ratio:.3f}x; worst seed {worst:.3f}x); with the batch full: d{best_full} "
+              f"{mean(fixed[best_full], b, True):6.2f}, Scylla {ratio_full:.3f}x; Scylla's own time "
+              f"{policy_ms:.2f} ms a step", flush=True)
     result["scylla_vs_best_fixed_min"] = min(v["scylla_vs_best_fixed"] for v in result["per_batch"].values())
     print(json.dumps(result))
 
