@@ -12,11 +12,11 @@ No engine runs: this isolates the policy's choices (a minute instead of ``spec_d
 where the host's noise hides differences of a few percent). Scylla and the fixed lengths see the
 same random streams per seed. Each batch of prompts runs to its end together, as
 ``spec_decode.py``'s do: a request that drafts its way ahead leaves the last steps to fewer
-requests, where a server would give its slot to a waiting one. So beside each policy's tokens per
-second, the rate over the steps where the batch was still full is printed: what it would give a
-server holding that batch size. Scylla's own wall time per step (choosing and observing) is printed
-beside: what it adds to each real step (vLLM's here take 50-100 ms). The last line printed is one
-JSON object.
+requests, where a server would give its slot to a waiting one. So each policy's tokens per second
+come with its rate over the steps where the batch was still full (what it would give a server
+holding that batch size), and Scylla's with its own wall time per step, choosing and observing
+(what it adds to each real step; vLLM's here take 50-100 ms). The last line printed is one JSON
+object.
 
     python benchmarks/scylla_sim.py --seeds 12
     python benchmarks/scylla_sim.py --seeds 12 --acceptance law
