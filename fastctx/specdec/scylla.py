@@ -219,17 +219,15 @@ class ScyllaPolicy:
                     copying: bool = False) -> float:
         # plain floats: with numpy's per-call cost on five-term rows, choosing an arm took 1-2 ms a step
         th = self.acceptance.coef_list() if law is None else law
-        x = th[0] + th[1] * math.log(k) + th[2] * math.log(batch) + th[3] * math.log(depth) + th[4] * copying
-        return min(max(x, 0.01), MAX_ACCEPT)
+        return min(max(sum(c * x for c, x in zip(th, _law_row(k, batch, depth, copying))), 0.01), MAX_ACCEPT)
 
     def law_tokens(self, k: int, batch: int, copying: bool = False, law: Sequence[float] | None = None,
                    rate: float | None = None) -> list[float]:
         """Tokens per request by the law alone (``rate``: that acceptance at every depth instead) at
         depths 0 to the deepest, ``1 + sum_{t<=g} prod_{j<=t} a(k, batch, j, copying)`` at depth g."""
-        th = None if rate is not None else self.acceptance.coef_list() if law is None else [float(x) for x in law]
         out, alive = [1.0], 1.0
         for t in range(1, max(self.depths) + 1):
-            alive *= rate if th is None else self.accept_rate(k, batch, t, th, copying)
+            alive *= self.accept_rate(k, batch, t, law, copying) if rate is None else rate
             out.append(out[-1] + alive)
         return out
 
