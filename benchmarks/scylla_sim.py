@@ -15,11 +15,13 @@ same random streams per seed. Each batch of prompts runs to its end together, as
 requests, where a server would give its slot to a waiting one. So each policy's tokens per second
 come with its rate over the steps where the batch was still full (what it would give a server
 holding that batch size), and Scylla's with its own wall time per step, choosing and observing
-(what it adds to each real step; vLLM's here take 50-100 ms). The last line printed is one JSON
-object.
+(what it adds to each real step; vLLM's here take 50-100 ms). ``--refills N`` keeps the batch full
+instead until each slot has run N + 1 requests; ``--explore`` sets Scylla's knob. The last line
+printed is one JSON object.
 
     python benchmarks/scylla_sim.py --seeds 12
     python benchmarks/scylla_sim.py --seeds 12 --acceptance law
+    python benchmarks/scylla_sim.py --seeds 24 --acceptance law --refills 2 --explore 0
 """
 
 from __future__ import annotations
@@ -65,10 +67,10 @@ def acceptance(copying: bool, chains: int, depth: int = 1, law=streaky) -> float
 
 
 def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: int = 128,
-              own: list | None = None, law=streaky) -> tuple[int, float, int, float]:
-    """Decode ``batch`` requests to ``new_tokens`` each (the batch shrinks as they finish): tokens and
-    seconds, in all and over the steps with every request still running. ``own`` gathers the policy's
-    own wall time per step (plan and observe)."""
+              own: list | None = None, law=streaky, refills: int = 0) -> tuple[int, float, int, float]:
+    """Decode ``batch`` requests to ``new_tokens`` each, ``refills`` more taking the slots of those that
+    finish (then the batch shrinks): tokens and seconds, in all and over the steps with every slot
+    busy. ``own`` gathers the policy's own wall time per step (plan and observe)."""
     done, copying, tokens, seconds, full = [0] * batch, [False] * batch, 0, 0.0, [0, 0.0]
     while any(d < new_tokens for d in done):
         live = [i for i in range(batch) if done[i] < new_tokens]
@@ -98,12 +100,17 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
         tokens, seconds = tokens + step_tokens, seconds + spent
         if len(live) == batch:
             full = [full[0] + step_tokens, full[1] + spent]
+        for i in live:
+            if done[i] == new_tokens and refills:
+                done[i], copying[i], refills = 0, False, refills - 1
     return tokens, seconds, *full
 
 
-def second_pass(make, seed: int, drift: float, own: dict | None = None, law=streaky) -> dict[int, tuple]:
+def second_pass(make, seed: int, drift: float, own: dict | None = None, law=streaky,
+                refills: int = 0) -> dict[int, tuple]:
     """Per batch size, tokens per second on the second of two passes, in all and over the steps with
-    the batch full (``own``: per batch size, the policy's wall time per step)."""
+    the batch full (``own``: per batch size, the policy's wall time per step; ``refills``: requests per
+    slot after the first in each batch of prompts)."""
     rng, host = random.Random(seed), random.Random(seed + 1000)
     policy, out = make(), {}
     for scored in (False, True):
@@ -111,7 +118,8 @@ def second_pass(make, seed: int, drift: float, own: dict | None = None, law=stre
             sums = [0.0] * 4
             for _ in range(8 // b):
                 run = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift),
-                                own=None if own is None else own.setdefault(b, []), law=law)
+                                own=None if own is None else own.setdefault(b, []), law=law,
+                                refills=refills * b)
                 sums = [x + y for x, y in zip(sums, run)]
             if scored:
                 out[b] = (sums[0] / sums[1], sums[2] / sums[3])
@@ -125,19 +133,26 @@ def main() -> None:
     ap.add_argument("--max-depth", type=int, default=7, help="Scylla's depths 0..this (vLLM's: 0..6 + 1)")
     ap.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="streaky",
                     help="the draft's acceptance per depth: streaky (0.64 copying, else 0.20) or vLLM's fitted law")
+    ap.add_argument("--explore", type=float, default=ScyllaPolicy.explore,
+                    help="Scylla's explore knob (0: the fit's best arm every step, no Thompson sampling)")
+    ap.add_argument("--refills", type=int, default=0,
+                    help="per slot, this many more requests take the place of one that finishes (a server's "
+                         "sustained batch size; 0: each batch of prompts runs to its end together)")
     args = ap.parse_args()
     seeds = range(args.seeds)
     depths = tuple(range(args.max_depth + 1))
     law = ACCEPTANCE[args.acceptance]
-    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift, law=law) for s in seeds] for g in depths}
+    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift, law=law, refills=args.refills) for s in seeds]
+             for g in depths}
     own: dict[int, list[float]] = {}  # batch -> Scylla's own wall time per step (both passes)
-    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s), s, args.drift, own, law)
-              for s in seeds]
+    scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s, explore=args.explore),
+                          s, args.drift, own, law, args.refills) for s in seeds]
 
     def mean(runs, b, full=False):
         return sum(r[b][full] for r in runs) / len(runs)
 
-    result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "per_batch": {}}
+    result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "explore": args.explore,
+              "refills": args.refills, "per_batch": {}}
     for b in BATCHES:
         best = max(depths, key=lambda g: mean(fixed[g], b))
         ratio = mean(scylla, b) / mean(fixed[best], b)
