@@ -63,9 +63,11 @@ kernels: install
 	$(PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"
 	if test -x $(SGL_PY); then $(SGL_PY) -c "from fastctx.kernels._cpu_ext import cpu_ops; cpu_ops()"; fi
 
-# Kernels, methods, config, eval units: no engine, no model download (~2 min once installed).
+# Kernels, methods, config, eval units: no engine, no model download (~4.5 min on 2 cores once
+# installed). They run in one process per core (pytest-xdist; 4 at most, each holds torch); the
+# engine tests below run one at a time, since each starts engines that use every core.
 test-fast: install kernels redis
-	$(PY) -m pytest -q --durations=15 -m "not engine and not model" tests
+	$(PY) -m pytest -q --durations=15 -n auto --maxprocesses 4 -m "not engine and not model" tests
 
 # Everything: the fast tests, then those that need the model and real vLLM engines.
 test: setup test-fast

@@ -52,20 +52,24 @@ def wait_for(predicate, proc, timeout=400):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
-def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path, engine, request):
+# SGLang's run keeps one of the preset's tasks (an explicit flag overrides the preset): the
+# harness's SGLang path is the same for every task, and CI's time is better spent elsewhere.
+@pytest.mark.parametrize("engine,tasks", [("vllm", ("kv", "passkey")), ("sglang", ("passkey",))])
+def test_smoke_preset_writes_results_report_and_plots(vllm_available, model_dir, tmp_path, engine, tasks, request):
     if engine == "sglang":
         request.getfixturevalue("sglang_available")
     before = engine_pids()
     out = tmp_path / "smoke"
-    proc = subprocess.run(eval_cmd(out, "--preset", "smoke", "--engine", engine), capture_output=True, text=True,
-                          timeout=900)
+    override = [] if tasks == ("kv", "passkey") else ["--tasks", ",".join(tasks)]
+    proc = subprocess.run(eval_cmd(out, "--preset", "smoke", "--engine", engine, *override), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_no_new_engine_processes(before)
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"dense", "minference"}
     for method in results["methods"].values():
-        for task in ("kv", "passkey"):
+        assert set(method["tasks"]) == set(tasks)
+        for task in tasks:
             stats = method["tasks"][task]
             assert isinstance(stats["score"], float) and 0 <= stats["score"] <= 1
             assert isinstance(stats["ttft_p50_s"], float) and stats["ttft_p50_s"] > 0

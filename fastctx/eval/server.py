@@ -164,7 +164,10 @@ class EngineServer:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
     def stop(self, grace: float = 30) -> None:
-        """SIGTERM the server's process group, then SIGKILL whatever of it is left."""
+        """SIGTERM the server, then SIGKILL whatever of its process group is left.
+
+        Only the server itself gets SIGTERM: it stops its own workers (an SGLang scheduler that gets
+        SIGTERM too dies as 'crashed', and its server then waits 5 s before cleaning up)."""
         if self.proc is None:
             return
         pid = self.proc.pid
@@ -172,15 +175,17 @@ class EngineServer:
             family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             family = []
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        running = self.proc.poll() is None  # (a server that died leaves its workers nobody to stop them)
+        if running:
+            os.kill(pid, signal.SIGTERM)
+        _, family = psutil.wait_procs(family, timeout=grace if running else 0)
+        if family:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, sig)
+                os.killpg(pid, signal.SIGKILL)
             for p in family:  # a worker that left the group still belongs to this server
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    p.send_signal(sig)
-            _, family = psutil.wait_procs(family, timeout=grace if sig == signal.SIGTERM else 10)
-            if not family:
-                break
+                    p.kill()
+            _, family = psutil.wait_procs(family, timeout=10)
         self.proc.wait(10)
         self.proc = None
         if family:
