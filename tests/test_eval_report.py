@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
+import psutil
 import pytest
+import requests
 
 from fastctx.eval.agreement import compare, position_kl
 from fastctx.eval.cli import build_parser, check_run_dir, resolve
 from fastctx.eval.report import aggregate, write_report
 from fastctx.eval.runner import RunSpec, core_ranges
-from fastctx.eval.server import parse_methods
+from fastctx.eval.server import EngineServer, parse_methods
 from fastctx.eval.store import ResultStore, read_jsonl
 
 
@@ -178,3 +182,41 @@ def test_replicas_get_disjoint_cores(monkeypatch):
     assert core_ranges(2) == ["0", "1"]
     with pytest.raises(ValueError, match="needs at least 3 cores"):
         core_ranges(3)
+
+
+class _PortTakenOnce(EngineServer):
+    """A stand-in server process (the harness's start/stop logic, no engine): its first launch logs
+    uvicorn's bind error for its port and lingers, as an SGLang server does; the next one serves
+    /health, from a worker child in its process group."""
+
+    engine = "stand-in"
+
+    def command(self, port: int) -> list[str]:
+        script = f"""
+import http.server, os, subprocess, sys, time
+marker = {str(self.log_path.parent / "launched")!r}
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print("ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', {port}): "
+          "address already in use", flush=True)
+    time.sleep(600)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # a worker
+http.server.HTTPServer(("127.0.0.1", {port}), type("H", (http.server.BaseHTTPRequestHandler,), {{
+    "do_GET": lambda self: (self.send_response(200), self.end_headers())}})).serve_forever()
+"""
+        return [sys.executable, "-c", script]
+
+    def environment(self) -> dict:
+        return dict(os.environ)
+
+
+def test_a_server_whose_port_was_taken_starts_again_on_another_and_stops_with_its_workers(tmp_path, capsys):
+    srv = _PortTakenOnce("model", None, tmp_path / "server.log", max_model_len=1024)
+    url = srv.start(timeout=60)
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+    assert "starting it again on another port" in capsys.readouterr().err
+    assert srv.log_path.read_text().count("=== ") == 2
+    family = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+    assert len(family) == 2
+    srv.stop(grace=2)  # the stand-in leaves its worker running: stop() kills what is left of the group
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)

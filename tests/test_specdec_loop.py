@@ -211,9 +211,10 @@ def test_scylla_recovers_from_unlucky_first_drafts():
 
 def test_scylla_tries_again_an_arm_timed_while_the_host_was_busy():
     """No speculation is the best arm at batch 4 here (a draft step costs half a plain step, drafts are
-    accepted 30% of the time), but its first three steps were timed at twice their cost. Arm times fade
-    with the policy's steps and are drawn around their means, so no speculation is timed again and wins
-    back most steps within 300 (when an arm's time was its plain running mean, it never ran again)."""
+    accepted 30% of the time), but its first three steps were timed at twice their cost. Once those
+    timings are older than the policy's memory (200 steps), no speculation, a neighbour of the best arm
+    that would win at half its time, is timed again and wins back the steps after (when an arm's time
+    was its plain running mean, it never ran again)."""
     for seed in range(6):
         policy = ScyllaPolicy(depths=(0, 1, 2, 3), seed=seed)
         rng = random.Random(seed)

@@ -122,29 +122,54 @@ class EngineServer:
     def environment(self) -> dict:
         raise NotImplementedError
 
-    def start(self, timeout: float = 600) -> str:
-        port = free_port()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as log:
-            log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.command(port))}\n")
-            log.flush()
-            self.proc = subprocess.Popen(self.command(port), stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.environment(), start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
+    def start(self, timeout: float = 600, attempts: int = 3) -> str:
+        """Start the server and wait until it is healthy. The port is free when chosen but may be taken
+        before the server binds it (an engine picks ports of its own meanwhile); the server then logs
+        the bind error and, with SGLang, lingers: it is stopped and started again on another port."""
         deadline = time.time() + timeout
+        for attempt in range(attempts):
+            port = free_port()
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as log:
+                log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.command(port))}\n")
+                log.flush()
+                since = log.tell()
+                self.proc = subprocess.Popen(self.command(port), stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.environment(), start_new_session=True)
+            self.url = f"http://127.0.0.1:{port}"
+            if self._healthy_by(deadline, since, port, timeout):
+                return self.url
+            self.stop()
+            if attempt + 1 < attempts:
+                print(f"fastctx-eval: port {port} was taken before the server bound it; starting it again on "
+                      "another port", file=sys.stderr)
+        raise ServerError(f"server could not bind a free port in {attempts} attempts; log {self.log_path}")
+
+    def _healthy_by(self, deadline: float, since: int, port: int, timeout: float) -> bool:
+        """True once the server answers /health; False if it could not bind ``port`` (its log says so
+        after offset ``since``); raises if it exits or the deadline passes."""
         while True:
             if self.proc.poll() is not None:
+                if self._bind_failed(since, port):
+                    return False
                 raise ServerError(f"server exited with {self.proc.returncode} while starting; "
                                   f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self.url
+                    return True
             except requests.RequestException:
                 pass
+            if self._bind_failed(since, port):
+                return False
             if time.time() > deadline:
                 self.stop()
                 raise ServerError(f"server not healthy after {timeout:.0f} s; log {self.log_path}")
             time.sleep(1)
+
+    def _bind_failed(self, since: int, port: int) -> bool:
+        with open(self.log_path, errors="replace") as log:
+            log.seek(since)
+            return any("address already in use" in line and str(port) in line for line in log)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -175,17 +200,17 @@ class EngineServer:
             family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             family = []
-        running = self.proc.poll() is None  # (a server that died leaves its workers nobody to stop them)
-        if running:
+        if self.proc.poll() is None:  # a live server stops its own workers
             os.kill(pid, signal.SIGTERM)
-        _, family = psutil.wait_procs(family, timeout=grace if running else 0)
-        if family:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            for p in family:  # a worker that left the group still belongs to this server
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            _, family = psutil.wait_procs(family, timeout=10)
+            _, family = psutil.wait_procs(family, timeout=grace)
+        # What is left: workers that did not stop in time, or those of a server that was killed (no
+        # longer its children, but still in its process group).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        for p in family:  # a worker that left the group still belongs to this server
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, family = psutil.wait_procs(family, timeout=10)
         self.proc.wait(10)
         self.proc = None
         if family:

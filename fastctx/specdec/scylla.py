@@ -44,9 +44,11 @@ was seen on many settles on the best. With probability ``explore / (1 + n / 20)`
 at that batch size) it runs a neighbour instead, so arms not timed yet get timed (``explore=0``: the
 fit's best arm, no sampling). An arm that would be slower than the best arm even with its tokens two
 standard errors above what it yielded (every draft accepted, where it has not run) and its step two
-standard errors quicker than its mean is not tried; a timing that was unlucky (the host busy) is
-tried again once its weight has faded. A deep, many-chain arm can cost dozens of plain steps, so
-trying every arm, or exploring uniformly, would cost more than the choice gains.
+standard errors quicker than its mean is not tried. A neighbour of the best arm last timed longer
+ago than the policy remembers (``1 / (1 - decay)`` steps) is timed again if it would win at half its
+step time: a timing that was unlucky (the host busy) is not kept forever. A deep, many-chain arm
+can cost dozens of plain steps, so trying every arm, or exploring uniformly, would cost more than
+the choice gains.
 """
 
 from __future__ import annotations
@@ -116,7 +118,10 @@ class OnlineLeastSquares:
 MAX_ACCEPT = 0.99  # the law's predictions are clipped to [0.01, MAX_ACCEPT]
 ACCEPT_VARIANCE = 0.25  # a 0/1 acceptance's variance at most: the posterior Thompson sampling draws from
 PRIOR_REQUESTS = 20  # an arm's own tokens per request outweigh the law's prediction once it has run this many
-TIME_NOISE = 0.25  # a step time's relative spread beyond what was seen (this host's runs differ by up to 25%)
+# A step time's relative spread beyond what was seen. Small: the host's speed moves all arms alike,
+# and an arm timed while the host was busy is timed again (``plan``); drawn at 0.25, it spread near
+# arms apart enough that Thompson sampling ran drafts where none paid (benchmarks/scylla_sim.py).
+TIME_NOISE = 0.05
 TIME_FLOOR = 0.5  # a draw of a step time stays above this share of its mean (no timing is off by more than 2x)
 
 
@@ -342,10 +347,11 @@ class ScyllaPolicy:
 
             return rate
 
-        best = max(arms, key=rater())
+        mean_rate = rater()
+        best = max(arms, key=mean_rate)
         if not self.explore:
             return best
-        bar = rater()(best)
+        bar = mean_rate(best)
         lucky = rater(optimistic=True)
         at = depths.index
 
@@ -356,9 +362,17 @@ class ScyllaPolicy:
             return (moved == 1 and a.chains in (best.chains, 1)) or (
                 moved == 0 and a.chains in (2 * best.chains, best.chains // 2))
 
-        near = [a for a in arms if a != best and next_to(a)]
+        neighbours = [a for a in arms if a != best and next_to(a)]
+        # A neighbour last timed longer ago than the policy remembers, which would win had its steps
+        # been timed while the host was busy (TIME_FLOOR of their time), is timed again: fading alone
+        # leaves a step's time as slow as it was seen, however long ago.
+        memory = 1 / (1 - self.decay) if self.decay < 1 else math.inf
+        stale = [a for a in neighbours if (seen := self._steps.get(a.step_key(batch))) is not None
+                 and self._now - seen.at > memory and mean_rate(a) / TIME_FLOOR > bar]
+        if stale:
+            return max(stale, key=mean_rate)
         # kept: arms that could win, and arms whose step time cannot be told yet (rated -inf)
-        near = [a for a in near if (r := lucky(a)) > bar or r == -math.inf]
+        near = [a for a in neighbours if (r := lucky(a)) > bar or r == -math.inf]
         if self._rng.random() < self.explore / (1 + n / 20) and near:
             return self._rng.choice(near)
         # Thompson sampling: the arms timed at this batch size and the best one's neighbours, ranked by a
