@@ -127,9 +127,9 @@ class EngineServer:
         before the server binds it (an engine picks ports of its own meanwhile); the server then logs
         the bind error and, with SGLang, lingers: it is stopped and started again on another port."""
         deadline = time.time() + timeout
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(attempts):
             port = free_port()
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as log:
                 log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.command(port))}\n")
                 log.flush()
