@@ -10,7 +10,9 @@ nothing else). That first pass selects: per batch size the best fixed speculativ
 per-batch-size schedule (``num_speculative_tokens_per_batch_size``) over the same draft, tuned
 offline the way vLLM's docs describe (per batch size the fastest single-chain depth, 0 included),
 served by an engine of its own. A second pass then compares: Scylla, the selected best fixed arm
-and vLLM's schedule take turns again, and Scylla's ratios come from it. Judged on the pass that
+and vLLM's schedule take turns again, at each batch size until each has run ``--compare-seconds``
+(a run of ~15 s at batch 8 differs from the next by ~10% here), and Scylla's ratios come from it,
+with its ratio to the table turn by turn. Judged on the pass that
 picked it, the best of five arms wins partly by luck (on this host the same arm's speed differs
 by up to ~25% between passes); the first pass's ratios are kept as ``..._selection_pass``.
 Prompts are copy tasks (a passage, then "the same text again" and its first 64 tokens), each
@@ -90,6 +92,10 @@ def parse_args():
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=1,
                     help="vllm: times every method runs at every batch size (interleaved; tok/s over all)")
+    ap.add_argument("--compare-seconds", type=float, default=60.0,
+                    help="vllm: the comparison pass takes more turns at a batch size until each of its methods "
+                         "ran this long (at least --rounds turns): a method's speed drifts ~10%% between runs of "
+                         "~15 s on this host")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--depth", type=int, default=4, help="speculation length of the fixed SD / SpecTr runs")
     ap.add_argument("--fixed-depths", default="1,2,3,4,6", help="single-chain lengths for the best fixed")
@@ -103,6 +109,8 @@ def parse_args():
         args.batches, args.context, args.new_tokens = "1,4", 512, 64
     if args.engine == "hf" and args.prompts is None:
         args.prompts = 4
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: give at least 1")
     if args.prompts is not None and args.prompts < 1:
         ap.error(f"--prompts {args.prompts}: give at least 1")
     return args
@@ -305,9 +313,16 @@ def run_vllm(args) -> dict:
     best = {b: max(fixed, key=lambda n: tps(n, b)) for b in batches}
     print(f"best fixed speculative arm per batch size (selection pass): {best}", flush=True)
     compared: dict[str, dict] = {}  # the second pass
-    for turn in range(args.rounds):
-        for b in batches:
-            measure(b, ["scylla", best[b], "vllm_table"], compared, turn)
+    turns: dict[int, list[dict[str, float]]] = {}  # per batch size, each turn's tok/s per method
+    for b in batches:
+        names, turn = ["scylla", best[b], "vllm_table"], 0
+        while turn < args.rounds or min(compared[n][b]["seconds"] for n in names) < args.compare_seconds:
+            before = {n: (compared[n][b]["tokens"], compared[n][b]["seconds"]) if b in compared.get(n, {})
+                      else (0, 0.0) for n in names}
+            measure(b, names, compared, turn)
+            turns.setdefault(b, []).append({n: (compared[n][b]["tokens"] - before[n][0])
+                                            / (compared[n][b]["seconds"] - before[n][1]) for n in names})
+            turn += 1
     law = engines["fastctx"].collective_rpc("fastctx_spectr_stats")[0].get("scylla_law")
     for llm in engines.values():  # engine cores are processes: stop them before os._exit leaves them behind
         llm.llm_engine.engine_core.shutdown()
@@ -322,16 +337,20 @@ def run_vllm(args) -> dict:
     for name in results:
         print(f"{name:12s} " + " ".join(f"{results[name][b]['accept_len']:8.2f} {tps(name, b):7.2f} "
                                         f"{tps(name, b) / tps('nospec', b):8.3f}" for b in batches))
-    print("\ncomparison pass (tok/s, x Scylla)")
+    def turn_ratios(other, b):
+        return [t["scylla"] / t[other] for t in turns[b]]
+
+    print("\ncomparison pass (tok/s, x Scylla; Scylla's ratio to the table turn by turn)")
     for b in batches:
         print(f"b{b}: " + "  ".join(f"{n} {tps(n, b, compared):.2f} ({1 / ratio(n, b):.3f})"
-                                    for n in ("scylla", best[b], "vllm_table")))
+                                    for n in ("scylla", best[b], "vllm_table"))
+              + "  turns " + " ".join(f"{r:.3f}" for r in turn_ratios("vllm_table", b)))
 
     return {
         "engine": "vllm", "draft": "ngram (fastctx: distribution over earlier matches; vllm_ngram: vLLM's)",
         "temperature": args.temperature, "depth": args.depth, "batches": batches, "context": args.context,
-        "new_tokens": args.new_tokens, "rounds": args.rounds, "dtype": args.dtype, "threads_bind": bind,
-        "machine": machine(),
+        "new_tokens": args.new_tokens, "rounds": args.rounds, "compare_seconds": args.compare_seconds,
+        "dtype": args.dtype, "threads_bind": bind, "machine": machine(),
         "accept_len_sd": results[sd][b1]["accept_len"],
         "accept_len_spectr_k2": results["spectr_k2"][b1]["accept_len"],
         "accept_len_spectr_k4": results["spectr_k4"][b1]["accept_len"],
@@ -349,6 +368,9 @@ def run_vllm(args) -> dict:
         "tokens_per_s_ratio_scylla_vs_best_fixed_selection_pass_min": min(ratio(best[b], b, results) for b in batches),
         "per_batch": {b: {"best_fixed": best[b], "scylla_vs_best_fixed": ratio(best[b], b),
                           "scylla_vs_vllm_table": ratio("vllm_table", b),
+                          "comparison_turns": len(turns[b]),
+                          "scylla_vs_vllm_table_per_turn": turn_ratios("vllm_table", b),
+                          "scylla_vs_best_fixed_per_turn": turn_ratios(best[b], b),
                           "scylla_vs_best_fixed_selection_pass": ratio(best[b], b, results),
                           "accept_len_ratio_spectr_k4_vs_sd": k4_vs_sd[b],
                           "scylla_vs_nospec_selection_pass": ratio("nospec", b, results),
