@@ -91,7 +91,8 @@ def parse_args():
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=1,
-                    help="vllm: times every method runs at every batch size (interleaved; tok/s over all)")
+                    help="vllm: times every method runs at every batch size at least (the selection pass's rounds "
+                         "interleave over batch sizes; tok/s over all)")
     ap.add_argument("--compare-seconds", type=float, default=60.0,
                     help="vllm: the comparison pass takes more turns at a batch size until each of its methods "
                          "ran this long (at least --rounds turns): a method's speed drifts ~10%% between runs of "
