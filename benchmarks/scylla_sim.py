@@ -1,12 +1,14 @@
 """Scylla's policy against every fixed speculation length on a simulated draft, with the budget of
-``spec_decode.py`` (batch sizes 1, 2, 4, 8 in turn, each running 8 requests x 128 tokens in batches of
-its size, twice; the second pass is scored) and step costs shaped like vLLM's on this CPU (round 18:
-47 ms + 4.6 ms per request, 5 ms once anything is drafted, 4 ms x draft tokens^0.85, 105 ms for
-fastctx's scoring pass of two or more chains). The draft's acceptance runs in streaks as the n-gram
-draft's does on copy prompts (round 16: one chain accepts 0.64 per depth while a request is copying,
-0.20 otherwise), or with ``--acceptance law`` as the law Scylla fitted in vLLM (round 18, run 2:
-0.15 + 0.19 ln t + 0.32 while copying, at depth t after t - 1 accepted); the host's speed moves by
-up to ``--drift`` per batch of prompts.
+``spec_decode.py`` (batch sizes 1, 2, 4, 8 in turn, each running 8 requests x 128 tokens in batches
+of its size, twice; the second pass is scored) and step costs shaped like vLLM's on this CPU (round
+18: 47 ms + 4.6 ms per request, 5 ms once anything is drafted, 4 ms x draft tokens^0.85, 105 ms for
+fastctx's scoring pass of two or more chains; ``--costs round22``: round 22's, 48 ms + 5.8 ms per
+request, 1 ms once anything is drafted, 6 ms per draft token, 90 ms for many chains). The draft's
+acceptance runs in streaks as the n-gram draft's does on copy prompts (round 16: one chain accepts
+0.64 per depth while a request is copying, 0.20 otherwise), or with ``--acceptance law`` as the law
+Scylla fitted in vLLM (round 18, run 2: 0.15 + 0.19 ln t + 0.32 while copying, at depth t after
+t - 1 accepted; ``law22``: round 22's, 0.128 + 0.103 ln t + 0.389 while copying); the host's speed moves
+by up to ``--drift`` per batch of prompts.
 
 No engine runs: this isolates the policy's choices (a minute instead of ``spec_decode.py``'s 35,
 where the host's noise hides differences of a few percent). Scylla and the fixed lengths see the
@@ -22,6 +24,7 @@ printed is one JSON object.
     python benchmarks/scylla_sim.py --seeds 12
     python benchmarks/scylla_sim.py --seeds 12 --acceptance law
     python benchmarks/scylla_sim.py --seeds 24 --acceptance law --refills 2 --explore 0
+    python benchmarks/scylla_sim.py --seeds 24 --acceptance law22 --costs round22
 """
 
 from __future__ import annotations
@@ -58,7 +61,23 @@ def vllm_law(copying: bool, depth: int) -> float:
     return min(max(0.15 + 0.19 * math.log(depth) + 0.32 * copying, 0.01), 0.99)
 
 
-ACCEPTANCE = {"streaky": streaky, "law": vllm_law}
+def vllm_law_round22(copying: bool, depth: int) -> float:
+    return min(max(0.128 + 0.103 * math.log(depth) + 0.389 * copying, 0.01), 0.99)
+
+
+ACCEPTANCE = {"streaky": streaky, "law": vllm_law, "law22": vllm_law_round22}
+
+
+def round18_cost(batch: int, drafted: int, chains: int) -> float:
+    return 0.047 + 0.0046 * batch + 0.005 * (drafted > 0) + 0.004 * drafted ** 0.85 + 0.105 * (chains > 1)
+
+
+def round22_cost(batch: int, drafted: int, chains: int) -> float:
+    """Round 22's step times in vLLM (Scylla's per-key means): a draft token costs ~6 ms, not ~4 ms**0.85."""
+    return 0.0484 + 0.0058 * batch + 0.001 * (drafted > 0) + 0.006 * drafted + 0.09 * (chains > 1)
+
+
+COSTS = {"round18": round18_cost, "round22": round22_cost}
 
 
 def acceptance(copying: bool, chains: int, depth: int = 1, law=streaky) -> float:
@@ -67,7 +86,8 @@ def acceptance(copying: bool, chains: int, depth: int = 1, law=streaky) -> float
 
 
 def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: int = 128,
-              own: list | None = None, law=streaky, refills: int = 0) -> tuple[int, float, int, float]:
+              own: list | None = None, law=streaky, refills: int = 0,
+              cost=round18_cost) -> tuple[int, float, int, float]:
     """Decode ``batch`` requests to ``new_tokens`` each, ``refills`` more taking the slots of those that
     finish (then the batch shrinks): tokens and seconds, in all and over the steps with every slot
     busy. ``own`` gathers the policy's own wall time per step (plan and observe)."""
@@ -80,8 +100,7 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
         planned = time.perf_counter() - started
         depths = [plan.depth_of(c) for c in states]
         drafted = plan.chains * sum(depths)
-        spent = (0.047 + 0.0046 * len(live) + 0.005 * (drafted > 0) + 0.004 * drafted ** 0.85
-                 + 0.105 * (plan.chains > 1)) * speed * rng.uniform(0.85, 1.15)
+        spent = cost(len(live), drafted, plan.chains) * speed * rng.uniform(0.85, 1.15)
         accepted = []
         for g, c in zip(depths, states):
             a = 0
@@ -107,7 +126,7 @@ def run_batch(policy, rng: random.Random, batch: int, speed: float, new_tokens: 
 
 
 def second_pass(make, seed: int, drift: float, own: dict | None = None, law=streaky,
-                refills: int = 0) -> dict[int, tuple]:
+                refills: int = 0, cost=round18_cost) -> dict[int, tuple]:
     """Per batch size, tokens per second on the second of two passes, in all and over the steps with
     the batch full (``own``: per batch size, the policy's wall time per step; ``refills``: requests per
     slot after the first in each batch of prompts)."""
@@ -119,7 +138,7 @@ def second_pass(make, seed: int, drift: float, own: dict | None = None, law=stre
             for _ in range(8 // b):
                 run = run_batch(policy, rng, b, host.uniform(1 - drift, 1 + drift),
                                 own=None if own is None else own.setdefault(b, []), law=law,
-                                refills=refills * b)
+                                refills=refills * b, cost=cost)
                 sums = [x + y for x, y in zip(sums, run)]
             if scored:
                 out[b] = (sums[0] / sums[1], sums[2] / sums[3])
@@ -132,7 +151,10 @@ def main() -> None:
     ap.add_argument("--drift", type=float, default=0.2, help="the host's speed moves by up to this share")
     ap.add_argument("--max-depth", type=int, default=7, help="Scylla's depths 0..this (vLLM's: 0..6 + 1)")
     ap.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default="streaky",
-                    help="the draft's acceptance per depth: streaky (0.64 copying, else 0.20) or vLLM's fitted law")
+                    help="the draft's acceptance per depth: streaky (0.64 copying, else 0.20) or vLLM's fitted law "
+                         "(law: round 18's, law22: round 22's)")
+    ap.add_argument("--costs", choices=sorted(COSTS), default="round18",
+                    help="step times: round 18's shape (4 ms x draft tokens^0.85) or round 22's (6 ms a draft token)")
     ap.add_argument("--explore", type=float, default=ScyllaPolicy.explore,
                     help="Scylla's explore knob (0: the fit's best arm every step, no Thompson sampling)")
     ap.add_argument("--refills", type=int, default=0,
@@ -141,17 +163,18 @@ def main() -> None:
     args = ap.parse_args()
     seeds = range(args.seeds)
     depths = tuple(range(args.max_depth + 1))
-    law = ACCEPTANCE[args.acceptance]
-    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift, law=law, refills=args.refills) for s in seeds]
-             for g in depths}
+    law, cost = ACCEPTANCE[args.acceptance], COSTS[args.costs]
+    fixed = {g: [second_pass(lambda g=g: FixedArm(g), s, args.drift, law=law, refills=args.refills, cost=cost)
+                 for s in seeds] for g in depths}
     own: dict[int, list[float]] = {}  # batch -> Scylla's own wall time per step (both passes)
     scylla = [second_pass(lambda s=s: ScyllaPolicy(depths=depths, chains=(1, 2, 4), seed=s, explore=args.explore),
-                          s, args.drift, own, law, args.refills) for s in seeds]
+                          s, args.drift, own, law, args.refills, cost) for s in seeds]
 
     def mean(runs, b, full=False):
         return sum(r[b][full] for r in runs) / len(runs)
 
-    result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "explore": args.explore,
+    result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "costs": args.costs,
+              "explore": args.explore,
               "refills": args.refills, "per_batch": {}}
     for b in BATCHES:
         best = max(depths, key=lambda g: mean(fixed[g], b))
