@@ -57,15 +57,14 @@ def streaky(copying: bool, depth: int) -> float:
     return 0.64 if copying else 0.20
 
 
-def vllm_law(copying: bool, depth: int) -> float:
-    return min(max(0.15 + 0.19 * math.log(depth) + 0.32 * copying, 0.01), 0.99)
+def fitted_law(intercept: float, ln_depth: float, copying_term: float):
+    """An acceptance law Scylla fitted in vLLM, at one chain and batch size 1."""
+    def law(copying: bool, depth: int) -> float:
+        return min(max(intercept + ln_depth * math.log(depth) + copying_term * copying, 0.01), 0.99)
+    return law
 
 
-def vllm_law_round22(copying: bool, depth: int) -> float:
-    return min(max(0.128 + 0.103 * math.log(depth) + 0.389 * copying, 0.01), 0.99)
-
-
-ACCEPTANCE = {"streaky": streaky, "law": vllm_law, "law22": vllm_law_round22}
+ACCEPTANCE = {"streaky": streaky, "law": fitted_law(0.15, 0.19, 0.32), "law22": fitted_law(0.128, 0.103, 0.389)}
 
 
 def round18_cost(batch: int, drafted: int, chains: int) -> float:
@@ -73,7 +72,8 @@ def round18_cost(batch: int, drafted: int, chains: int) -> float:
 
 
 def round22_cost(batch: int, drafted: int, chains: int) -> float:
-    """Round 22's step times in vLLM (Scylla's per-key means): a draft token costs ~6 ms, not ~4 ms**0.85."""
+    """Round 22's step times in vLLM (Scylla's per-key means): ~6 ms a draft token, where round 18's
+    shape charged 4 ms x draft tokens^0.85."""
     return 0.0484 + 0.0058 * batch + 0.001 * (drafted > 0) + 0.006 * drafted + 0.09 * (chains > 1)
 
 
@@ -174,8 +174,7 @@ def main() -> None:
         return sum(r[b][full] for r in runs) / len(runs)
 
     result = {"seeds": args.seeds, "drift": args.drift, "acceptance": args.acceptance, "costs": args.costs,
-              "explore": args.explore,
-              "refills": args.refills, "per_batch": {}}
+              "explore": args.explore, "refills": args.refills, "per_batch": {}}
     for b in BATCHES:
         best = max(depths, key=lambda g: mean(fixed[g], b))
         ratio = mean(scylla, b) / mean(fixed[best], b)
